@@ -1,0 +1,14 @@
+"""DDPM++ (VP, FID) + ST on CelebA 64."""
+
+from configs.default_celeba_configs import get_default_configs
+from configs.st_presets import celeba_schedule, vp_base
+
+
+def get_config():
+    config = vp_base(get_default_configs)
+    training = config.training
+    training.st = True
+    training.importance_sampling = False
+    config.sampling.method = 'pc'
+    celeba_schedule(config)
+    return config

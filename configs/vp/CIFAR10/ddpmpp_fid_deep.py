@@ -1,0 +1,14 @@
+"""Baseline without ST: DDPM++ deep (VP, FID)."""
+
+from configs.default_cifar10_configs import get_default_configs
+from configs.st_presets import vp_base
+
+
+def get_config():
+    config = vp_base(get_default_configs)
+    config.training.st = False
+    config.training.importance_sampling = False
+    config.model.num_res_blocks = 8
+    config.sampling.batch_size = 512
+    config.eval.batch_size = 100
+    return config

@@ -1,0 +1,12 @@
+"""Baseline without ST: DDPM++ (VP, FID) on ImageNet 32x32 (dropout 0)."""
+
+from configs.default_imagenet32_configs import get_default_configs
+from configs.st_presets import vp_base
+
+
+def get_config():
+    config = vp_base(get_default_configs)
+    config.model.dropout = 0.0
+    config.training.st = False
+    config.training.importance_sampling = False
+    return config

@@ -1,0 +1,14 @@
+"""Baseline without ST: DDPM++ (VP, NLL), eps = 5e-5 on ImageNet 32x32 (dropout 0)."""
+
+from configs.default_imagenet32_configs import get_default_configs
+from configs.st_presets import vp_base
+
+
+def get_config():
+    config = vp_base(get_default_configs)
+    config.model.dropout = 0.0
+    config.training.st = False
+    config.training.importance_sampling = True
+    config.training.likelihood_weighting = True
+    config.training.truncation_time = 5e-5
+    return config

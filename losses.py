@@ -1,0 +1,381 @@
+"""Optimisation and the training objective.
+
+One loss composes four independent choices (papers.md sections 2-5):
+- time sampling: t ~ U[tau, T] or, for likelihood weighting, importance sampling t ~ g^2/sigma^2 on [tau, T];
+  tau = eps, or tau ~ P_k (Soft Truncation, one tau per optimisation step shared by its micro-batches);
+- weighting lambda(t): 'variance' (sigma^2), 'likelihood' (g^2), 'importance' (g^2 through the IS estimator,
+  factor Z_tau) or 'x0' (sigma^4: the error of the predicted corrupted mean, Soft Diffusion's plain weighting);
+- target: denoising score matching (noise target z) or Stable Target Field (reference-batch target, stf.py);
+- corruption: any object with marginal_prob(x0, t) -> (mean, std): the SDEs of sde_lib (Gaussian) or the blur of
+  corruption.py (Soft Diffusion); the score comes from models.utils.get_score_fn for either.
+
+Per sample, with x_t = mean + std * z and eps_target = (x_t - target mean) / std,
+  loss = factor * w(t) * reduce(|| std * s_theta(x_t, t) + eps_target ||^2),
+where reduce is score_sde's (mean over dimensions, or 0.5 * sum), w = lambda / std^2 and factor is 1 (score_sde
+convention) or 1/2 (Soft Truncation repository convention, training.loss_convention).
+"""
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.optim as optim
+
+import sde_lib
+from models import utils as mutils
+
+WEIGHTINGS = ('variance', 'likelihood', 'importance', 'x0')
+LOSS_CONVENTIONS = {'score_sde': 1.0, 'soft_truncation': 0.5}
+
+
+def get_optimizer(config, params) -> torch.optim.Optimizer:
+    """Adam (score_sde) or AdamW, from config.optim."""
+    amsgrad = bool(config.optim.get('amsgrad', False))
+    if config.optim.optimizer == 'Adam':
+        return optim.Adam(
+            params,
+            lr=config.optim.lr,
+            betas=(config.optim.beta1, 0.999),
+            eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+            amsgrad=amsgrad,
+        )
+    if config.optim.optimizer == 'AdamW':
+        return optim.AdamW(
+            params,
+            lr=config.optim.lr,
+            betas=(config.optim.beta1, 0.999),
+            eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+            amsgrad=amsgrad,
+        )
+    raise ValueError(f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
+
+
+def optimization_manager(config) -> Callable:
+    """optimize_fn(optimizer, params, step, lr, warmup, grad_clip): linear warmup, gradient-norm clipping, step."""
+
+    def optimize_fn(
+        optimizer, params, step, lr=config.optim.lr, warmup=config.optim.warmup, grad_clip=config.optim.grad_clip
+    ):
+        """Optimizes with warmup and gradient clipping (disabled if negative)."""
+        if warmup > 0:
+            for g in optimizer.param_groups:
+                g['lr'] = lr * np.minimum(step / warmup, 1.0)
+        if grad_clip >= 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
+        optimizer.step()
+
+    return optimize_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the loss
+
+
+def get_reduce_op(reduce_mean: bool) -> Callable:
+    """score_sde's reduction over data dimensions: mean, or 0.5 * sum."""
+    if reduce_mean:
+        return torch.mean
+    return lambda *args, **kwargs: 0.5 * torch.sum(*args, **kwargs)
+
+
+def sample_time(
+    sde, batch_size: int, tau: float, importance_sampling: bool, device
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """t on [tau, T]: uniform (factor 1) or t ~ g^2/sigma^2 (factor Z_tau, papers.md section 2)."""
+    if importance_sampling:
+        t = sde.sample_importance_t(batch_size, tau, device=device)
+        return t, sde.importance_normalizer(tau)
+    return torch.rand(batch_size, device=device) * (sde.T - tau) + tau, 1.0
+
+
+def resolve_weighting(likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None) -> str:
+    """The weighting name implied by score_sde's / the ST repository's flags (or given explicitly)."""
+    if weighting:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f'training.weighting={weighting!r} is not one of {WEIGHTINGS}.')
+        if importance_sampling and weighting != 'importance':
+            raise ValueError('training.importance_sampling=True implies the likelihood weighting; unset weighting.')
+        return weighting
+    if importance_sampling:
+        return 'importance'
+    return 'likelihood' if likelihood_weighting else 'variance'
+
+
+def loss_weight(sde, weighting: str, t: torch.Tensor, std: torch.Tensor, is_factor) -> torch.Tensor | float:
+    """w(t) = lambda(t) / std^2 for the residual std * score + eps_target."""
+    if weighting == 'variance':
+        return 1.0
+    if weighting == 'likelihood':
+        return sde.sde(torch.zeros(t.shape[0], 1, device=t.device), t)[1] ** 2 / std**2
+    if weighting == 'importance':
+        return is_factor
+    if weighting == 'x0':
+        return std**2
+    raise ValueError(f'Unknown weighting {weighting!r}; valid: {WEIGHTINGS}.')
+
+
+def dsm_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference=None) -> torch.Tensor:
+    """Denoising score matching: the noise that made x_t, eps_target = z."""
+    return z
+
+
+def stf_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference) -> torch.Tensor:
+    """Stable Target Field: eps_target = (x_t - alpha * xbar_w) / std over the reference batch (papers.md s. 4)."""
+    import stf
+
+    if reference is None:
+        raise ValueError('training.stf=True needs a reference batch: pass reference= to the loss/step function.')
+    return stf.stf_noise_target(x_t, alpha, std, reference)
+
+
+def _broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def get_per_sample_loss_fn(
+    sde,
+    train: bool,
+    reduce_mean: bool = True,
+    continuous: bool = True,
+    likelihood_weighting: bool = False,
+    eps: float = 1e-5,
+    *,
+    importance_sampling: bool = False,
+    weighting: str | None = None,
+    stf: bool = False,
+    loss_factor: float = 1.0,
+) -> Callable:
+    """loss_fn(model, batch, tau=None, reference=None) -> per-sample losses [B] (see the module docstring)."""
+    reduce_op = get_reduce_op(reduce_mean)
+    weighting = resolve_weighting(likelihood_weighting, importance_sampling, weighting)
+    target_fn = stf_noise_target if stf else dsm_noise_target
+
+    def loss_fn(model, batch: torch.Tensor, tau: float | None = None, reference: torch.Tensor | None = None):
+        tau_ = eps if tau is None else float(tau)
+        score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
+        t, is_factor = sample_time(sde, batch.shape[0], tau_, weighting == 'importance', batch.device)
+        z = torch.randn_like(batch)
+        mean, std = sde.marginal_prob(batch, t)
+        x_t = mean + _broadcast(std, batch) * z
+        alpha = _mean_coefficient(sde, t)
+        eps_target = target_fn(x_t, z, alpha, std, reference)
+        score = score_fn(x_t, t)
+        residual = torch.square(score * _broadcast(std, batch) + eps_target)
+        losses = reduce_op(residual.reshape(residual.shape[0], -1), dim=-1)
+        return loss_factor * loss_weight(sde, weighting, t, std, is_factor) * losses
+
+    return loss_fn
+
+
+def _mean_coefficient(sde, t: torch.Tensor):
+    """alpha(t) for Gaussian corruptions (used by STF); None for corruptions without one."""
+    return sde.alpha(t) if hasattr(sde, 'alpha') else None
+
+
+def get_sde_loss_fn(
+    sde,
+    train: bool,
+    reduce_mean: bool = True,
+    continuous: bool = True,
+    likelihood_weighting: bool = True,
+    eps: float = 1e-5,
+    **kwargs,
+) -> Callable:
+    """score_sde's loss_fn(model, batch) -> scalar mean loss; new keywords as in get_per_sample_loss_fn."""
+    per_sample = get_per_sample_loss_fn(sde, train, reduce_mean, continuous, likelihood_weighting, eps, **kwargs)
+
+    def loss_fn(model, batch, tau=None, reference=None):
+        return torch.mean(per_sample(model, batch, tau=tau, reference=reference))
+
+    return loss_fn
+
+
+def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
+    """score_sde's discrete-time NCSN loss (legacy, VE only)."""
+    if not isinstance(vesde, sde_lib.VESDE):
+        raise ValueError('SMLD (discrete) training only works for the VE SDE.')
+    smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
+    reduce_op = get_reduce_op(reduce_mean)
+
+    def loss_fn(model, batch):
+        model_fn = mutils.get_model_fn(model, train=train)
+        labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
+        sigmas = smld_sigma_array.to(batch.device)[labels]
+        noise = torch.randn_like(batch) * _broadcast(sigmas, batch)
+        score = model_fn(noise + batch, labels)
+        target = -noise / _broadcast(sigmas**2, batch)
+        losses = torch.square(score - target)
+        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas**2
+        return torch.mean(losses)
+
+    return loss_fn
+
+
+def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True) -> Callable:
+    """score_sde's discrete-time DDPM loss (legacy, VP only)."""
+    if not isinstance(vpsde, sde_lib.VPSDE):
+        raise ValueError('DDPM (discrete) training only works for the VP SDE.')
+    reduce_op = get_reduce_op(reduce_mean)
+
+    def loss_fn(model, batch):
+        model_fn = mutils.get_model_fn(model, train=train)
+        labels = torch.randint(0, vpsde.N, (batch.shape[0],), device=batch.device)
+        sqrt_ac = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
+        sqrt_1m_ac = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
+        noise = torch.randn_like(batch)
+        perturbed = _broadcast(sqrt_ac, batch) * batch + _broadcast(sqrt_1m_ac, batch) * noise
+        losses = torch.square(model_fn(perturbed, labels) - noise)
+        return torch.mean(reduce_op(losses.reshape(losses.shape[0], -1), dim=-1))
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step function
+
+
+def sample_tau(st: bool, k: float, eps: float, T: float = 1.0) -> float:
+    """The truncation time of one optimisation step: tau ~ P_k on [eps, T] with Soft Truncation, else eps."""
+    if not st:
+        return eps
+    return float(sde_lib.sample_truncation_time(k, eps, T))
+
+
+def get_step_fn(
+    sde,
+    train: bool,
+    optimize_fn: Callable | None = None,
+    reduce_mean: bool = False,
+    continuous: bool = True,
+    likelihood_weighting: bool = False,
+    *,
+    eps: float = 1e-5,
+    importance_sampling: bool = False,
+    weighting: str | None = None,
+    st: bool = False,
+    k: float = 1.0,
+    mixed: bool = False,
+    balanced: bool = False,
+    ddpm_weight: float = 0.01,
+    num_micro_batch: int = 1,
+    stf: bool = False,
+    loss_factor: float = 1.0,
+) -> Callable:
+    """step_fn(state, batch, reference=None) -> mean loss; one optimisation step when train=True.
+
+    score_sde's signature plus keywords for Soft Truncation (st, k, eps), importance sampling, the ST repository's
+    mixed / balanced mode, micro-batches (gradient accumulation: the gradient equals the full-batch gradient) and
+    STF. A non-finite loss or gradient skips the step: parameters, optimizer, EMA and state['step'] are left
+    unchanged and state['nonfinite'] is set to True.
+    """
+    if continuous:
+        common = dict(train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor)
+        main_loss = get_per_sample_loss_fn(
+            sde,
+            likelihood_weighting=likelihood_weighting,
+            importance_sampling=importance_sampling,
+            weighting=weighting,
+            **common,
+        )
+        # mixed mode: half of each batch importance-sampled likelihood weighting, half uniform time
+        is_loss = get_per_sample_loss_fn(sde, importance_sampling=True, **common) if mixed else None
+        uniform_loss = (
+            get_per_sample_loss_fn(sde, likelihood_weighting=likelihood_weighting, weighting=weighting, **common)
+            if mixed
+            else None
+        )
+    else:
+        if likelihood_weighting or importance_sampling or st or mixed or stf:
+            raise ValueError('Discrete-time (continuous=False) training supports none of the new options.')
+        if isinstance(sde, sde_lib.VESDE):
+            discrete = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
+        elif isinstance(sde, sde_lib.VPSDE):
+            discrete = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
+        else:
+            raise ValueError(f'Discrete training for {sde.__class__.__name__} is not supported.')
+
+        def main_loss(model, batch, tau=None, reference=None):
+            return discrete(model, batch).expand(batch.shape[0])
+
+    if num_micro_batch < 1:
+        raise ValueError(f'optim.num_micro_batch must be >= 1, got {num_micro_batch}.')
+
+    def batch_losses(model, batch, tau, reference):
+        """Per-sample losses of one (micro-)batch (mixed mode: [B/2] combined losses)."""
+        if not mixed:
+            return main_loss(model, batch, tau=tau, reference=reference)
+        half = batch.shape[0] // 2
+        if half == 0 or batch.shape[0] % 2:
+            raise ValueError('training.mixed needs an even (micro-)batch size of at least 2.')
+        losses_is = is_loss(model, batch[:half], tau=tau, reference=reference)
+        losses_u = uniform_loss(model, batch[half:], tau=tau, reference=reference)
+        w = ddpm_weight
+        if balanced:
+            w = ddpm_weight * torch.mean(losses_is / losses_u).detach()
+        return losses_is + w * losses_u
+
+    def step_fn(state, batch, reference=None):
+        model = state['model']
+        state['nonfinite'] = False
+        if not train:
+            with torch.no_grad():
+                ema = state['ema']
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+                loss = torch.mean(batch_losses(model, batch, eps, reference))
+                ema.restore(model.parameters())
+            return loss
+
+        optimizer = state['optimizer']
+        optimizer.zero_grad(set_to_none=True)
+        tau = sample_tau(st, k, eps, sde.T)
+        chunks = torch.tensor_split(batch, num_micro_batch)
+        if any(c.shape[0] == 0 for c in chunks):
+            raise ValueError(f'Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.')
+        total = torch.zeros((), device=batch.device)
+        for chunk in chunks:
+            loss = torch.mean(batch_losses(model, chunk, tau, reference))
+            (loss * chunk.shape[0] / batch.shape[0]).backward()
+            total = total + loss.detach() * chunk.shape[0] / batch.shape[0]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            state['nonfinite'] = True
+            return total
+        optimize_fn(optimizer, model.parameters(), step=state['step'])
+        state['step'] += 1
+        state['ema'].update(model.parameters())
+        return total
+
+    return step_fn
+
+
+def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | None = None) -> Callable:
+    """get_step_fn with every option read from the config (what run_lib uses)."""
+    training = config.training
+    convention = training.get('loss_convention', 'score_sde')
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f'training.loss_convention={convention!r}; valid: {list(LOSS_CONVENTIONS)}.')
+    k = float(training.get('k', 1.0))
+    return get_step_fn(
+        sde,
+        train=train,
+        optimize_fn=optimize_fn,
+        reduce_mean=training.reduce_mean,
+        continuous=training.continuous,
+        likelihood_weighting=training.likelihood_weighting,
+        eps=float(training.get('truncation_time', 1e-5)),
+        importance_sampling=bool(training.get('importance_sampling', False)),
+        weighting=training.get('weighting', '') or None,
+        st=bool(training.get('st', False)),
+        k=k if math.isfinite(k) else math.inf,
+        mixed=bool(training.get('mixed', False)),
+        balanced=bool(training.get('balanced', False)),
+        ddpm_weight=float(training.get('ddpm_weight', 0.01)),
+        num_micro_batch=int(config.optim.get('num_micro_batch', 1)),
+        stf=bool(training.get('stf', False)),
+        loss_factor=LOSS_CONVENTIONS[convention],
+    )

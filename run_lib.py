@@ -1,0 +1,328 @@
+"""Training, evaluation and sampling loops (score_sde's run_lib, on PyTorch only).
+
+Work directory layout (score_sde's):
+  WORKDIR/checkpoints/checkpoint_N.pth     snapshot N (every training.snapshot_freq steps and at the end)
+  WORKDIR/checkpoints-meta/checkpoint.pth  latest state for automatic resume (every snapshot_freq_for_preemption)
+  WORKDIR/samples/iter_STEP/sample.png     sample grids (training.snapshot_sampling)
+  WORKDIR/tensorboard/                     scalars
+  WORKDIR/train.log                        the log
+"""
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+import datasets
+import losses
+import sde_lib
+from models import utils as mutils
+from models.ema import ExponentialMovingAverage
+from utils import get_rng_state, restore_checkpoint, save_checkpoint, set_rng_state
+
+VALID_CORRUPTIONS = ('gaussian', 'blur')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration checks
+
+
+def validate_config(config) -> None:
+    """Reject invalid values before anything is built or trained, naming the field and the fix."""
+    training, model, data = config.training, config.model, config.data
+    corruption = training.get('corruption', 'gaussian')
+    if corruption not in VALID_CORRUPTIONS:
+        raise ValueError(f'training.corruption={corruption!r} is not one of {VALID_CORRUPTIONS}.')
+    if corruption == 'gaussian':
+        sde_lib.get_sde(config)  # raises on an unknown training.sde
+    if model.name not in mutils._MODELS:
+        raise ValueError(f'model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}.')
+    eps = float(training.get('truncation_time', 1e-5))
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f'training.truncation_time={eps} must lie in (0, T) = (0, 1).')
+    k = float(training.get('k', 1.0))
+    if training.get('st', False) and (math.isnan(k) or k < 0):
+        raise ValueError(f'training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps).')
+    ch_mult = model.get('ch_mult', None)
+    if ch_mult is not None:
+        factor = 2 ** (len(ch_mult) - 1)
+        if data.image_size % factor:
+            raise ValueError(
+                f'data.image_size={data.image_size} is not divisible by 2^(len(model.ch_mult)-1) = {factor}: '
+                'choose an image size that survives every down-sampling, or fewer resolution levels.'
+            )
+    micro = int(config.optim.get('num_micro_batch', 1))
+    if micro < 1 or training.batch_size % micro:
+        raise ValueError(
+            f'optim.num_micro_batch={micro} must be >= 1 and divide training.batch_size={training.batch_size}.'
+        )
+    if training.get('mixed', False) and (training.batch_size // micro) % 2:
+        raise ValueError('training.mixed=True needs an even micro-batch size (batch_size / num_micro_batch).')
+    if corruption == 'blur':
+        for flag in ('stf', 'importance_sampling', 'likelihood_weighting', 'mixed'):
+            if training.get(flag, False):
+                raise ValueError(
+                    f'training.{flag}=True is defined for Gaussian SDEs only; it cannot be used with '
+                    "training.corruption='blur'."
+                )
+    if training.get('stf', False) and int(training.get('stf_ref_batch_size', 0)) < 1:
+        raise ValueError('training.stf_ref_batch_size must be >= 1.')
+    if training.n_iters < 0 or training.snapshot_freq <= 0 or training.snapshot_freq_for_preemption <= 0:
+        raise ValueError('training.n_iters must be >= 0 and the snapshot frequencies > 0.')
+
+
+def get_corruption(config):
+    """The forward corruption: the SDE (with its sampling eps), or the blur of Soft Diffusion."""
+    if config.training.get('corruption', 'gaussian') == 'blur':
+        import corruption
+
+        obj = corruption.get_corruption(config)
+        return obj, float(config.training.get('truncation_time', 1e-3))
+    return sde_lib.get_sde(config)
+
+
+def get_device(config) -> torch.device:
+    return torch.device(config.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A resumable stream of training batches
+
+
+class TrainStream:
+    """Deterministic training batches: batch number `position` depends only on (seed, position).
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); random flips are drawn from a generator seeded by
+    (seed, position). A run resumed at position p therefore sees exactly the batches an uninterrupted run sees.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.random_flip = random_flip
+        self.position = int(position)
+        self.batches_per_epoch = len(dataset) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f'The training set has {len(dataset)} images, fewer than training.batch_size={batch_size}.'
+            )
+
+    def indices(self, position: int) -> torch.Tensor:
+        epoch, i = divmod(position, self.batches_per_epoch)
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, position: int) -> torch.Tensor:
+        x = self.dataset.get_batch(self.indices(position), augment=False)
+        if self.random_flip:
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + position)
+            flip = torch.rand(x.shape[0], generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            x = self.batch(self.position)
+            self.position += 1
+            yield x
+
+
+def _setup_logging(workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    logger = logging.getLogger()
+    path = os.path.abspath(os.path.join(workdir, 'train.log'))
+    if not any(getattr(h, 'baseFilename', None) == path for h in logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def build_state(config, device: torch.device) -> dict:
+    """Model, EMA and optimizer of score_sde's training state."""
+    score_model = mutils.create_model(config)
+    ema = ExponentialMovingAverage(score_model.parameters(), decay=config.model.ema_rate)
+    optimizer = losses.get_optimizer(config, score_model.parameters())
+    return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
+
+
+def _save_grid(x: torch.Tensor, folder: str) -> None:
+    """sample.png (grid) and sample.np (uint8 NHWC, score_sde's format) in `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    nrow = int(math.ceil(math.sqrt(x.shape[0])))
+    image = torch.clamp(x.detach().float().cpu(), 0.0, 1.0)
+    torchvision.utils.save_image(image, os.path.join(folder, 'sample.png'), nrow=nrow, padding=2)
+    array = np.clip(image.permute(0, 2, 3, 1).numpy() * 255.0, 0, 255).astype(np.uint8)
+    with open(os.path.join(folder, 'sample.np'), 'wb') as f:
+        np.save(f, array)
+
+
+def get_sampling_fn_from_config(config, sde, sampling_eps: float, batch_size: int):
+    import sampling
+
+    shape = (batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    return sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps)
+
+
+def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str) -> None:
+    """Draw a sample grid with the EMA weights, leaving the training RNG stream untouched."""
+    model, ema = state['model'], state['ema']
+    sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, config.sampling.batch_size)
+    devices = [get_device(config)] if get_device(config).type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed + int(state['step']))
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        model.eval()
+        sample, _ = sampling_fn(model)
+        model.train()
+        ema.restore(model.parameters())
+    _save_grid(sample, folder)
+
+
+def _reference_batch(ref_sampler, batch: torch.Tensor, scaler) -> torch.Tensor | None:
+    """STF reference batch: the step's own sources first, then extra training images (scaled like the batch)."""
+    if ref_sampler is None:
+        return None
+    extra = ref_sampler.sample(batch.shape[0])
+    if extra is None or extra.shape[0] == 0:
+        return batch
+    return torch.cat([batch, scaler(extra.to(batch.device))], dim=0)
+
+
+def train(config, workdir: str) -> dict:
+    """Train a score model; resumes automatically from WORKDIR/checkpoints-meta/checkpoint.pth.
+
+    Returns the final training state (model, ema, optimizer, step).
+    """
+    validate_config(config)
+    _setup_logging(workdir)
+    device = get_device(config)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+
+    sample_dir = os.path.join(workdir, 'samples')
+    checkpoint_dir = os.path.join(workdir, 'checkpoints')
+    checkpoint_meta_dir = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+    os.makedirs(checkpoint_dir, exist_ok=True)
+
+    state = build_state(config, device)
+    state = restore_checkpoint(checkpoint_meta_dir, state, device)
+    initial_step = int(state['step'])
+    rng = state.pop('rng', None)
+    if rng is not None:
+        set_rng_state(rng)
+        logging.info('Resumed from %s at step %d.', checkpoint_meta_dir, initial_step)
+
+    sde, sampling_eps = get_corruption(config)
+    train_set = datasets.get_train_dataset(config)
+    if config.training.get('corruption', 'gaussian') == 'blur':
+        if 'corruption' in state:
+            sde.load_state_dict(state['corruption'])
+        else:
+            sde.fit_prior(_prior_fit_images(config, train_set))
+        state['corruption'] = sde.state_dict()
+    scaler = datasets.get_data_scaler(config)
+    position = int(rng['data_position']) if rng is not None and 'data_position' in rng else initial_step
+    stream = TrainStream(
+        train_set, config.training.batch_size, config.seed, bool(config.data.random_flip), position=position
+    )
+    _, eval_ds, _ = datasets.get_dataset(
+        config, uniform_dequantization=config.data.get('uniform_dequantization', False), evaluation=False
+    )
+    eval_iter = _repeat(eval_ds)
+
+    ref_sampler = None
+    if config.training.get('stf', False):
+        import stf
+
+        ref_sampler = stf.ReferenceBatchSampler(
+            train_set, int(config.training.stf_ref_batch_size), random_flip=bool(config.data.random_flip)
+        )
+
+    optimize_fn = losses.optimization_manager(config)
+    train_step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize_fn)
+    eval_step_fn = losses.get_step_fn_from_config(config, sde, train=False, optimize_fn=optimize_fn)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    training = config.training
+    num_train_steps = int(training.n_iters)
+    max_nonfinite = int(training.get('max_nonfinite_steps', 10))
+    nonfinite_run = 0
+    dequantize = bool(config.data.get('uniform_dequantization', False))
+    logging.info('Starting training loop at step %d of %d.', initial_step, num_train_steps)
+    batches = iter(stream)
+    progress = tqdm(total=num_train_steps, initial=initial_step, desc='train', dynamic_ncols=True)
+    start_time = time.time()
+    while state['step'] < num_train_steps:
+        batch = next(batches).to(device, non_blocking=True)
+        if dequantize:
+            batch = (batch * 255.0 + torch.rand_like(batch)) / 256.0
+        batch = scaler(batch)
+        reference = _reference_batch(ref_sampler, batch, scaler)
+        loss = train_step_fn(state, batch, reference=reference)
+        if state['nonfinite']:
+            nonfinite_run += 1
+            logging.warning(
+                'Non-finite loss or gradient at step %d (%d in a row): step skipped.', state['step'], nonfinite_run
+            )
+            if nonfinite_run >= max_nonfinite:
+                raise RuntimeError(
+                    f'{nonfinite_run} consecutive optimisation steps gave a NaN/Inf loss or gradient (step '
+                    f'{state["step"]}). Training stopped; the last good checkpoint is in {checkpoint_meta_dir}. '
+                    'Lower optim.lr, keep optim.grad_clip >= 0, check the data, or raise '
+                    'training.max_nonfinite_steps.'
+                )
+            continue
+        nonfinite_run = 0
+        step = int(state['step'])
+        progress.update(1)
+        if step % training.log_freq == 0 or step == num_train_steps:
+            loss_value = float(loss)
+            logging.info('step: %d, training_loss: %.5e', step, loss_value)
+            writer.add_scalar('training_loss', loss_value, step)
+            progress.set_postfix(loss=f'{loss_value:.4g}')
+        if step % training.snapshot_freq_for_preemption == 0 or step == num_train_steps:
+            state['rng'] = dict(get_rng_state(), data_position=torch.tensor(stream.position))
+            save_checkpoint(checkpoint_meta_dir, state)
+            state.pop('rng')
+        if step % training.eval_freq == 0:
+            devices = [device] if device.type == 'cuda' else []
+            with torch.random.fork_rng(devices=devices):
+                eval_batch = scaler(next(eval_iter)['image'].to(device))
+                eval_reference = _reference_batch(ref_sampler, eval_batch, scaler)
+                eval_loss = float(eval_step_fn(state, eval_batch, reference=eval_reference))
+            logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
+            writer.add_scalar('eval_loss', eval_loss, step)
+        if step % training.snapshot_freq == 0 or step == num_train_steps:
+            save_step = step // training.snapshot_freq  # score_sde's numbering
+            save_checkpoint(os.path.join(checkpoint_dir, f'checkpoint_{save_step}.pth'), state)
+            if training.snapshot_sampling:
+                snapshot_samples(config, state, sde, sampling_eps, os.path.join(sample_dir, f'iter_{step}'))
+    progress.close()
+    writer.close()
+    logging.info('Training finished at step %d (%.1f s).', state['step'], time.time() - start_time)
+    return state
+
+
+def _prior_fit_images(config, train_set) -> torch.Tensor:
+    """Scaled training images for fitting the blur corruption's distribution at t = 1."""
+    n = min(len(train_set), int(config.blur.get('prior_fit_images', 2048)))
+    gen = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(len(train_set), generator=gen)[:n]
+    return datasets.get_data_scaler(config)(train_set.get_batch(idx, augment=False))
+
+
+def _repeat(loader) -> Iterator:
+    while True:
+        yield from loader
