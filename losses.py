@@ -25,14 +25,14 @@ import torch.optim as optim
 import sde_lib
 from models import utils as mutils
 
-WEIGHTINGS = ('variance', 'likelihood', 'importance', 'x0')
-LOSS_CONVENTIONS = {'score_sde': 1.0, 'soft_truncation': 0.5}
+WEIGHTINGS = ("variance", "likelihood", "importance", "x0")
+LOSS_CONVENTIONS = {"score_sde": 1.0, "soft_truncation": 0.5}
 
 
 def get_optimizer(config, params) -> torch.optim.Optimizer:
     """Adam (score_sde) or AdamW, from config.optim."""
-    amsgrad = bool(config.optim.get('amsgrad', False))
-    if config.optim.optimizer == 'Adam':
+    amsgrad = bool(config.optim.get("amsgrad", False))
+    if config.optim.optimizer == "Adam":
         return optim.Adam(
             params,
             lr=config.optim.lr,
@@ -41,7 +41,7 @@ def get_optimizer(config, params) -> torch.optim.Optimizer:
             weight_decay=config.optim.weight_decay,
             amsgrad=amsgrad,
         )
-    if config.optim.optimizer == 'AdamW':
+    if config.optim.optimizer == "AdamW":
         return optim.AdamW(
             params,
             lr=config.optim.lr,
@@ -50,19 +50,26 @@ def get_optimizer(config, params) -> torch.optim.Optimizer:
             weight_decay=config.optim.weight_decay,
             amsgrad=amsgrad,
         )
-    raise ValueError(f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
+    raise ValueError(
+        f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'."
+    )
 
 
 def optimization_manager(config) -> Callable:
     """optimize_fn(optimizer, params, step, lr, warmup, grad_clip): linear warmup, gradient-norm clipping, step."""
 
     def optimize_fn(
-        optimizer, params, step, lr=config.optim.lr, warmup=config.optim.warmup, grad_clip=config.optim.grad_clip
+        optimizer,
+        params,
+        step,
+        lr=config.optim.lr,
+        warmup=config.optim.warmup,
+        grad_clip=config.optim.grad_clip,
     ):
         """Optimizes with warmup and gradient clipping (disabled if negative)."""
         if warmup > 0:
             for g in optimizer.param_groups:
-                g['lr'] = lr * np.minimum(step / warmup, 1.0)
+                g["lr"] = float(lr * np.minimum(step / warmup, 1.0))
         if grad_clip >= 0:
             torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
         optimizer.step()
@@ -91,30 +98,34 @@ def sample_time(
     return torch.rand(batch_size, device=device) * (sde.T - tau) + tau, 1.0
 
 
-def resolve_weighting(likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None) -> str:
+def resolve_weighting(
+    likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None
+) -> str:
     """The weighting name implied by score_sde's / the ST repository's flags (or given explicitly)."""
     if weighting:
         if weighting not in WEIGHTINGS:
-            raise ValueError(f'training.weighting={weighting!r} is not one of {WEIGHTINGS}.')
-        if importance_sampling and weighting != 'importance':
-            raise ValueError('training.importance_sampling=True implies the likelihood weighting; unset weighting.')
+            raise ValueError(f"training.weighting={weighting!r} is not one of {WEIGHTINGS}.")
+        if importance_sampling and weighting != "importance":
+            raise ValueError(
+                "training.importance_sampling=True implies the likelihood weighting; unset weighting."
+            )
         return weighting
     if importance_sampling:
-        return 'importance'
-    return 'likelihood' if likelihood_weighting else 'variance'
+        return "importance"
+    return "likelihood" if likelihood_weighting else "variance"
 
 
 def loss_weight(sde, weighting: str, t: torch.Tensor, std: torch.Tensor, is_factor) -> torch.Tensor | float:
     """w(t) = lambda(t) / std^2 for the residual std * score + eps_target."""
-    if weighting == 'variance':
+    if weighting == "variance":
         return 1.0
-    if weighting == 'likelihood':
+    if weighting == "likelihood":
         return sde.sde(torch.zeros(t.shape[0], 1, device=t.device), t)[1] ** 2 / std**2
-    if weighting == 'importance':
+    if weighting == "importance":
         return is_factor
-    if weighting == 'x0':
+    if weighting == "x0":
         return std**2
-    raise ValueError(f'Unknown weighting {weighting!r}; valid: {WEIGHTINGS}.')
+    raise ValueError(f"Unknown weighting {weighting!r}; valid: {WEIGHTINGS}.")
 
 
 def dsm_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference=None) -> torch.Tensor:
@@ -127,7 +138,9 @@ def stf_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference) 
     import stf
 
     if reference is None:
-        raise ValueError('training.stf=True needs a reference batch: pass reference= to the loss/step function.')
+        raise ValueError(
+            "training.stf=True needs a reference batch: pass reference= to the loss/step function."
+        )
     return stf.stf_noise_target(x_t, alpha, std, reference)
 
 
@@ -156,7 +169,7 @@ def get_per_sample_loss_fn(
     def loss_fn(model, batch: torch.Tensor, tau: float | None = None, reference: torch.Tensor | None = None):
         tau_ = eps if tau is None else float(tau)
         score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
-        t, is_factor = sample_time(sde, batch.shape[0], tau_, weighting == 'importance', batch.device)
+        t, is_factor = sample_time(sde, batch.shape[0], tau_, weighting == "importance", batch.device)
         z = torch.randn_like(batch)
         mean, std = sde.marginal_prob(batch, t)
         x_t = mean + _broadcast(std, batch) * z
@@ -172,7 +185,7 @@ def get_per_sample_loss_fn(
 
 def _mean_coefficient(sde, t: torch.Tensor):
     """alpha(t) for Gaussian corruptions (used by STF); None for corruptions without one."""
-    return sde.alpha(t) if hasattr(sde, 'alpha') else None
+    return sde.alpha(t) if hasattr(sde, "alpha") else None
 
 
 def get_sde_loss_fn(
@@ -185,7 +198,9 @@ def get_sde_loss_fn(
     **kwargs,
 ) -> Callable:
     """score_sde's loss_fn(model, batch) -> scalar mean loss; new keywords as in get_per_sample_loss_fn."""
-    per_sample = get_per_sample_loss_fn(sde, train, reduce_mean, continuous, likelihood_weighting, eps, **kwargs)
+    per_sample = get_per_sample_loss_fn(
+        sde, train, reduce_mean, continuous, likelihood_weighting, eps, **kwargs
+    )
 
     def loss_fn(model, batch, tau=None, reference=None):
         return torch.mean(per_sample(model, batch, tau=tau, reference=reference))
@@ -196,7 +211,7 @@ def get_sde_loss_fn(
 def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
     """score_sde's discrete-time NCSN loss (legacy, VE only)."""
     if not isinstance(vesde, sde_lib.VESDE):
-        raise ValueError('SMLD (discrete) training only works for the VE SDE.')
+        raise ValueError("SMLD (discrete) training only works for the VE SDE.")
     smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
     reduce_op = get_reduce_op(reduce_mean)
 
@@ -217,7 +232,7 @@ def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
 def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True) -> Callable:
     """score_sde's discrete-time DDPM loss (legacy, VP only)."""
     if not isinstance(vpsde, sde_lib.VPSDE):
-        raise ValueError('DDPM (discrete) training only works for the VP SDE.')
+        raise ValueError("DDPM (discrete) training only works for the VP SDE.")
     reduce_op = get_reduce_op(reduce_mean)
 
     def loss_fn(model, batch):
@@ -272,7 +287,9 @@ def get_step_fn(
     unchanged and state['nonfinite'] is set to True.
     """
     if continuous:
-        common = dict(train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor)
+        common = dict(
+            train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor
+        )
         main_loss = get_per_sample_loss_fn(
             sde,
             likelihood_weighting=likelihood_weighting,
@@ -283,25 +300,27 @@ def get_step_fn(
         # mixed mode: half of each batch importance-sampled likelihood weighting, half uniform time
         is_loss = get_per_sample_loss_fn(sde, importance_sampling=True, **common) if mixed else None
         uniform_loss = (
-            get_per_sample_loss_fn(sde, likelihood_weighting=likelihood_weighting, weighting=weighting, **common)
+            get_per_sample_loss_fn(
+                sde, likelihood_weighting=likelihood_weighting, weighting=weighting, **common
+            )
             if mixed
             else None
         )
     else:
         if likelihood_weighting or importance_sampling or st or mixed or stf:
-            raise ValueError('Discrete-time (continuous=False) training supports none of the new options.')
+            raise ValueError("Discrete-time (continuous=False) training supports none of the new options.")
         if isinstance(sde, sde_lib.VESDE):
             discrete = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
         elif isinstance(sde, sde_lib.VPSDE):
             discrete = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
         else:
-            raise ValueError(f'Discrete training for {sde.__class__.__name__} is not supported.')
+            raise ValueError(f"Discrete training for {sde.__class__.__name__} is not supported.")
 
         def main_loss(model, batch, tau=None, reference=None):
             return discrete(model, batch).expand(batch.shape[0])
 
     if num_micro_batch < 1:
-        raise ValueError(f'optim.num_micro_batch must be >= 1, got {num_micro_batch}.')
+        raise ValueError(f"optim.num_micro_batch must be >= 1, got {num_micro_batch}.")
 
     def batch_losses(model, batch, tau, reference):
         """Per-sample losses of one (micro-)batch (mixed mode: [B/2] combined losses)."""
@@ -309,7 +328,7 @@ def get_step_fn(
             return main_loss(model, batch, tau=tau, reference=reference)
         half = batch.shape[0] // 2
         if half == 0 or batch.shape[0] % 2:
-            raise ValueError('training.mixed needs an even (micro-)batch size of at least 2.')
+            raise ValueError("training.mixed needs an even (micro-)batch size of at least 2.")
         losses_is = is_loss(model, batch[:half], tau=tau, reference=reference)
         losses_u = uniform_loss(model, batch[half:], tau=tau, reference=reference)
         w = ddpm_weight
@@ -318,23 +337,25 @@ def get_step_fn(
         return losses_is + w * losses_u
 
     def step_fn(state, batch, reference=None):
-        model = state['model']
-        state['nonfinite'] = False
+        model = state["model"]
+        state["nonfinite"] = False
         if not train:
             with torch.no_grad():
-                ema = state['ema']
+                ema = state["ema"]
                 ema.store(model.parameters())
                 ema.copy_to(model.parameters())
                 loss = torch.mean(batch_losses(model, batch, eps, reference))
                 ema.restore(model.parameters())
             return loss
 
-        optimizer = state['optimizer']
+        optimizer = state["optimizer"]
         optimizer.zero_grad(set_to_none=True)
         tau = sample_tau(st, k, eps, sde.T)
         chunks = torch.tensor_split(batch, num_micro_batch)
         if any(c.shape[0] == 0 for c in chunks):
-            raise ValueError(f'Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.')
+            raise ValueError(
+                f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches."
+            )
         total = torch.zeros((), device=batch.device)
         for chunk in chunks:
             loss = torch.mean(batch_losses(model, chunk, tau, reference))
@@ -343,11 +364,11 @@ def get_step_fn(
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            state['nonfinite'] = True
+            state["nonfinite"] = True
             return total
-        optimize_fn(optimizer, model.parameters(), step=state['step'])
-        state['step'] += 1
-        state['ema'].update(model.parameters())
+        optimize_fn(optimizer, model.parameters(), step=state["step"])
+        state["step"] += 1
+        state["ema"].update(model.parameters())
         return total
 
     return step_fn
@@ -356,10 +377,10 @@ def get_step_fn(
 def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | None = None) -> Callable:
     """get_step_fn with every option read from the config (what run_lib uses)."""
     training = config.training
-    convention = training.get('loss_convention', 'score_sde')
+    convention = training.get("loss_convention", "score_sde")
     if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f'training.loss_convention={convention!r}; valid: {list(LOSS_CONVENTIONS)}.')
-    k = float(training.get('k', 1.0))
+        raise ValueError(f"training.loss_convention={convention!r}; valid: {list(LOSS_CONVENTIONS)}.")
+    k = float(training.get("k", 1.0))
     return get_step_fn(
         sde,
         train=train,
@@ -367,15 +388,15 @@ def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | No
         reduce_mean=training.reduce_mean,
         continuous=training.continuous,
         likelihood_weighting=training.likelihood_weighting,
-        eps=float(training.get('truncation_time', 1e-5)),
-        importance_sampling=bool(training.get('importance_sampling', False)),
-        weighting=training.get('weighting', '') or None,
-        st=bool(training.get('st', False)),
+        eps=float(training.get("truncation_time", 1e-5)),
+        importance_sampling=bool(training.get("importance_sampling", False)),
+        weighting=training.get("weighting", "") or None,
+        st=bool(training.get("st", False)),
         k=k if math.isfinite(k) else math.inf,
-        mixed=bool(training.get('mixed', False)),
-        balanced=bool(training.get('balanced', False)),
-        ddpm_weight=float(training.get('ddpm_weight', 0.01)),
-        num_micro_batch=int(config.optim.get('num_micro_batch', 1)),
-        stf=bool(training.get('stf', False)),
+        mixed=bool(training.get("mixed", False)),
+        balanced=bool(training.get("balanced", False)),
+        ddpm_weight=float(training.get("ddpm_weight", 0.01)),
+        num_micro_batch=int(config.optim.get("num_micro_batch", 1)),
+        stf=bool(training.get("stf", False)),
         loss_factor=LOSS_CONVENTIONS[convention],
     )

@@ -26,7 +26,7 @@ from models import utils as mutils
 from models.ema import ExponentialMovingAverage
 from utils import get_rng_state, restore_checkpoint, save_checkpoint, set_rng_state
 
-VALID_CORRUPTIONS = ('gaussian', 'blur')
+VALID_CORRUPTIONS = ("gaussian", "blur")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,54 +36,58 @@ VALID_CORRUPTIONS = ('gaussian', 'blur')
 def validate_config(config) -> None:
     """Reject invalid values before anything is built or trained, naming the field and the fix."""
     training, model, data = config.training, config.model, config.data
-    corruption = training.get('corruption', 'gaussian')
+    corruption = training.get("corruption", "gaussian")
     if corruption not in VALID_CORRUPTIONS:
-        raise ValueError(f'training.corruption={corruption!r} is not one of {VALID_CORRUPTIONS}.')
-    if corruption == 'gaussian':
+        raise ValueError(f"training.corruption={corruption!r} is not one of {VALID_CORRUPTIONS}.")
+    if corruption == "gaussian":
         sde_lib.get_sde(config)  # raises on an unknown training.sde
     if model.name not in mutils._MODELS:
-        raise ValueError(f'model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}.')
-    eps = float(training.get('truncation_time', 1e-5))
+        raise ValueError(
+            f"model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}."
+        )
+    eps = float(training.get("truncation_time", 1e-5))
     if not 0.0 < eps < 1.0:
-        raise ValueError(f'training.truncation_time={eps} must lie in (0, T) = (0, 1).')
-    k = float(training.get('k', 1.0))
-    if training.get('st', False) and (math.isnan(k) or k < 0):
-        raise ValueError(f'training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps).')
-    ch_mult = model.get('ch_mult', None)
+        raise ValueError(f"training.truncation_time={eps} must lie in (0, T) = (0, 1).")
+    k = float(training.get("k", 1.0))
+    if training.get("st", False) and (math.isnan(k) or k < 0):
+        raise ValueError(
+            f"training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps)."
+        )
+    ch_mult = model.get("ch_mult", None)
     if ch_mult is not None:
         factor = 2 ** (len(ch_mult) - 1)
         if data.image_size % factor:
             raise ValueError(
-                f'data.image_size={data.image_size} is not divisible by 2^(len(model.ch_mult)-1) = {factor}: '
-                'choose an image size that survives every down-sampling, or fewer resolution levels.'
+                f"data.image_size={data.image_size} is not divisible by 2^(len(model.ch_mult)-1) = {factor}: "
+                "choose an image size that survives every down-sampling, or fewer resolution levels."
             )
-    micro = int(config.optim.get('num_micro_batch', 1))
+    micro = int(config.optim.get("num_micro_batch", 1))
     if micro < 1 or training.batch_size % micro:
         raise ValueError(
-            f'optim.num_micro_batch={micro} must be >= 1 and divide training.batch_size={training.batch_size}.'
+            f"optim.num_micro_batch={micro} must be >= 1 and divide training.batch_size={training.batch_size}."
         )
-    if training.get('mixed', False) and (training.batch_size // micro) % 2:
-        raise ValueError('training.mixed=True needs an even micro-batch size (batch_size / num_micro_batch).')
-    if corruption == 'blur':
-        for flag in ('stf', 'importance_sampling', 'likelihood_weighting', 'mixed'):
+    if training.get("mixed", False) and (training.batch_size // micro) % 2:
+        raise ValueError("training.mixed=True needs an even micro-batch size (batch_size / num_micro_batch).")
+    if corruption == "blur":
+        for flag in ("stf", "importance_sampling", "likelihood_weighting", "mixed"):
             if training.get(flag, False):
                 raise ValueError(
-                    f'training.{flag}=True is defined for Gaussian SDEs only; it cannot be used with '
+                    f"training.{flag}=True is defined for Gaussian SDEs only; it cannot be used with "
                     "training.corruption='blur'."
                 )
-    if training.get('stf', False) and int(training.get('stf_ref_batch_size', 0)) < 1:
-        raise ValueError('training.stf_ref_batch_size must be >= 1.')
+    if training.get("stf", False) and int(training.get("stf_ref_batch_size", 0)) < 1:
+        raise ValueError("training.stf_ref_batch_size must be >= 1.")
     if training.n_iters < 0 or training.snapshot_freq <= 0 or training.snapshot_freq_for_preemption <= 0:
-        raise ValueError('training.n_iters must be >= 0 and the snapshot frequencies > 0.')
+        raise ValueError("training.n_iters must be >= 0 and the snapshot frequencies > 0.")
 
 
 def get_corruption(config):
     """The forward corruption: the SDE (with its sampling eps), or the blur of Soft Diffusion."""
-    if config.training.get('corruption', 'gaussian') == 'blur':
+    if config.training.get("corruption", "gaussian") == "blur":
         import corruption
 
         obj = corruption.get_corruption(config)
-        return obj, float(config.training.get('truncation_time', 1e-3))
+        return obj, float(config.training.get("truncation_time", 1e-3))
     return sde_lib.get_sde(config)
 
 
@@ -95,52 +99,78 @@ def get_device(config) -> torch.device:
 # A resumable stream of training batches
 
 
-class TrainStream:
-    """Deterministic training batches: batch number `position` depends only on (seed, position).
+class PositionBatchSampler(torch.utils.data.Sampler):
+    """Index batches from position `start` on; batch p depends only on (seed, p): epoch p // n_batches is a
+    permutation seeded by (seed, epoch), so a resumed run draws exactly the batches of an uninterrupted one."""
 
-    Each epoch is a fresh permutation seeded by (seed, epoch); random flips are drawn from a generator seeded by
-    (seed, position). A run resumed at position p therefore sees exactly the batches an uninterrupted run sees.
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0):
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.random_flip = random_flip
-        self.position = int(position)
-        self.batches_per_epoch = len(dataset) // batch_size
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0):
+        self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, int(seed), int(start)
+        self.batches_per_epoch = num_items // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f'The training set has {len(dataset)} images, fewer than training.batch_size={batch_size}.'
+                f"The training set has {num_items} images, fewer than training.batch_size={batch_size}."
             )
 
-    def indices(self, position: int) -> torch.Tensor:
+    def indices(self, position: int) -> list:
         epoch, i = divmod(position, self.batches_per_epoch)
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        return perm[i * self.batch_size : (i + 1) * self.batch_size]
+        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        perm = torch.randperm(self.num_items, generator=gen)
+        return perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
 
-    def batch(self, position: int) -> torch.Tensor:
-        x = self.dataset.get_batch(self.indices(position), augment=False)
-        if self.random_flip:
-            gen = torch.Generator().manual_seed(self.seed * 1000003 + position)
-            flip = torch.rand(x.shape[0], generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+    def __iter__(self):
+        position = self.start
+        while True:
+            yield self.indices(position)
+            position += 1
+
+
+class TrainStream:
+    """Deterministic, resumable training batches (float32 [B, C, H, W] in [0, 1]).
+
+    Images are fetched as uint8 (by config.data.num_workers worker processes when > 0) in the order of
+    PositionBatchSampler; the random flip of batch p is drawn from a generator seeded by (seed, p).
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0, num_workers=0
+    ):
+        self.seed, self.random_flip, self.position = int(seed), random_flip, int(position)
+        sampler = PositionBatchSampler(len(dataset), batch_size, seed, start=position)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=_first_two,
+            num_workers=num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers else None,
+        )
+        with torch.random.fork_rng(devices=[]):  # creating the iterator draws a seed: keep the stream intact
+            self._batches = iter(loader)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            x = self.batch(self.position)
-            self.position += 1
-            yield x
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        images = next(self._batches)[0]
+        if self.random_flip:
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + self.position)
+            images = datasets.random_flip(images, gen)
+        self.position += 1
+        return datasets.to_float(images)
+
+
+def _first_two(batch):
+    """collate_fn for ImageDataset.__getitems__: keep (uint8 images, labels) as they are."""
+    return batch[0], batch[1]
 
 
 def _setup_logging(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     logger = logging.getLogger()
-    path = os.path.abspath(os.path.join(workdir, 'train.log'))
-    if not any(getattr(h, 'baseFilename', None) == path for h in logger.handlers):
+    path = os.path.abspath(os.path.join(workdir, "train.log"))
+    if not any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
@@ -158,9 +188,9 @@ def _save_grid(x: torch.Tensor, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     nrow = int(math.ceil(math.sqrt(x.shape[0])))
     image = torch.clamp(x.detach().float().cpu(), 0.0, 1.0)
-    torchvision.utils.save_image(image, os.path.join(folder, 'sample.png'), nrow=nrow, padding=2)
+    torchvision.utils.save_image(image, os.path.join(folder, "sample.png"), nrow=nrow, padding=2)
     array = np.clip(image.permute(0, 2, 3, 1).numpy() * 255.0, 0, 255).astype(np.uint8)
-    with open(os.path.join(folder, 'sample.np'), 'wb') as f:
+    with open(os.path.join(folder, "sample.np"), "wb") as f:
         np.save(f, array)
 
 
@@ -174,11 +204,11 @@ def get_sampling_fn_from_config(config, sde, sampling_eps: float, batch_size: in
 
 def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str) -> None:
     """Draw a sample grid with the EMA weights, leaving the training RNG stream untouched."""
-    model, ema = state['model'], state['ema']
+    model, ema = state["model"], state["ema"]
     sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, config.sampling.batch_size)
-    devices = [get_device(config)] if get_device(config).type == 'cuda' else []
+    devices = [get_device(config)] if get_device(config).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed + int(state['step']))
+        torch.manual_seed(config.seed + int(state["step"]))
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()
@@ -209,39 +239,44 @@ def train(config, workdir: str) -> dict:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
 
-    sample_dir = os.path.join(workdir, 'samples')
-    checkpoint_dir = os.path.join(workdir, 'checkpoints')
-    checkpoint_meta_dir = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+    sample_dir = os.path.join(workdir, "samples")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_meta_dir = os.path.join(workdir, "checkpoints-meta", "checkpoint.pth")
     os.makedirs(checkpoint_dir, exist_ok=True)
 
     state = build_state(config, device)
     state = restore_checkpoint(checkpoint_meta_dir, state, device)
-    initial_step = int(state['step'])
-    rng = state.pop('rng', None)
+    initial_step = int(state["step"])
+    rng = state.pop("rng", None)
     if rng is not None:
         set_rng_state(rng)
-        logging.info('Resumed from %s at step %d.', checkpoint_meta_dir, initial_step)
+        logging.info("Resumed from %s at step %d.", checkpoint_meta_dir, initial_step)
 
     sde, sampling_eps = get_corruption(config)
     train_set = datasets.get_train_dataset(config)
-    if config.training.get('corruption', 'gaussian') == 'blur':
-        if 'corruption' in state:
-            sde.load_state_dict(state['corruption'])
+    if config.training.get("corruption", "gaussian") == "blur":
+        if "corruption" in state:
+            sde.load_state_dict(state["corruption"])
         else:
             sde.fit_prior(_prior_fit_images(config, train_set))
-        state['corruption'] = sde.state_dict()
+        state["corruption"] = sde.state_dict()
     scaler = datasets.get_data_scaler(config)
-    position = int(rng['data_position']) if rng is not None and 'data_position' in rng else initial_step
+    position = int(rng["data_position"]) if rng is not None and "data_position" in rng else initial_step
     stream = TrainStream(
-        train_set, config.training.batch_size, config.seed, bool(config.data.random_flip), position=position
+        train_set,
+        config.training.batch_size,
+        config.seed,
+        bool(config.data.random_flip),
+        position=position,
+        num_workers=int(config.data.get("num_workers", 0)),
     )
     _, eval_ds, _ = datasets.get_dataset(
-        config, uniform_dequantization=config.data.get('uniform_dequantization', False), evaluation=False
+        config, uniform_dequantization=config.data.get("uniform_dequantization", False), evaluation=False
     )
     eval_iter = _repeat(eval_ds)
 
     ref_sampler = None
-    if config.training.get('stf', False):
+    if config.training.get("stf", False):
         import stf
 
         ref_sampler = stf.ReferenceBatchSampler(
@@ -254,70 +289,71 @@ def train(config, workdir: str) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     training = config.training
     num_train_steps = int(training.n_iters)
-    max_nonfinite = int(training.get('max_nonfinite_steps', 10))
+    max_nonfinite = int(training.get("max_nonfinite_steps", 10))
     nonfinite_run = 0
-    dequantize = bool(config.data.get('uniform_dequantization', False))
-    logging.info('Starting training loop at step %d of %d.', initial_step, num_train_steps)
-    batches = iter(stream)
-    progress = tqdm(total=num_train_steps, initial=initial_step, desc='train', dynamic_ncols=True)
+    dequantize = bool(config.data.get("uniform_dequantization", False))
+    logging.info("Starting training loop at step %d of %d.", initial_step, num_train_steps)
+    progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True)
     start_time = time.time()
-    while state['step'] < num_train_steps:
-        batch = next(batches).to(device, non_blocking=True)
+    while state["step"] < num_train_steps:
+        batch = next(stream).to(device, non_blocking=True)
         if dequantize:
             batch = (batch * 255.0 + torch.rand_like(batch)) / 256.0
         batch = scaler(batch)
         reference = _reference_batch(ref_sampler, batch, scaler)
         loss = train_step_fn(state, batch, reference=reference)
-        if state['nonfinite']:
+        if state["nonfinite"]:
             nonfinite_run += 1
             logging.warning(
-                'Non-finite loss or gradient at step %d (%d in a row): step skipped.', state['step'], nonfinite_run
+                "Non-finite loss or gradient at step %d (%d in a row): step skipped.",
+                state["step"],
+                nonfinite_run,
             )
             if nonfinite_run >= max_nonfinite:
                 raise RuntimeError(
-                    f'{nonfinite_run} consecutive optimisation steps gave a NaN/Inf loss or gradient (step '
-                    f'{state["step"]}). Training stopped; the last good checkpoint is in {checkpoint_meta_dir}. '
-                    'Lower optim.lr, keep optim.grad_clip >= 0, check the data, or raise '
-                    'training.max_nonfinite_steps.'
+                    f"{nonfinite_run} consecutive optimisation steps gave a NaN/Inf loss or gradient (step "
+                    f"{state['step']}). Training stopped; the last good checkpoint is in {checkpoint_meta_dir}. "
+                    "Lower optim.lr, keep optim.grad_clip >= 0, check the data, or raise "
+                    "training.max_nonfinite_steps."
                 )
             continue
         nonfinite_run = 0
-        step = int(state['step'])
+        step = int(state["step"])
         progress.update(1)
         if step % training.log_freq == 0 or step == num_train_steps:
             loss_value = float(loss)
-            logging.info('step: %d, training_loss: %.5e', step, loss_value)
-            writer.add_scalar('training_loss', loss_value, step)
-            progress.set_postfix(loss=f'{loss_value:.4g}')
+            logging.info("step: %d, training_loss: %.5e", step, loss_value)
+            writer.add_scalar("training_loss", loss_value, step)
+            progress.set_postfix(loss=f"{loss_value:.4g}")
         if step % training.snapshot_freq_for_preemption == 0 or step == num_train_steps:
-            state['rng'] = dict(get_rng_state(), data_position=torch.tensor(stream.position))
+            state["rng"] = dict(get_rng_state(), data_position=torch.tensor(stream.position))
             save_checkpoint(checkpoint_meta_dir, state)
-            state.pop('rng')
+            state.pop("rng")
         if step % training.eval_freq == 0:
-            devices = [device] if device.type == 'cuda' else []
+            devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                eval_batch = scaler(next(eval_iter)['image'].to(device))
+                eval_batch = scaler(next(eval_iter)["image"].to(device))
                 eval_reference = _reference_batch(ref_sampler, eval_batch, scaler)
                 eval_loss = float(eval_step_fn(state, eval_batch, reference=eval_reference))
-            logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
-            writer.add_scalar('eval_loss', eval_loss, step)
+            logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
+            writer.add_scalar("eval_loss", eval_loss, step)
         if step % training.snapshot_freq == 0 or step == num_train_steps:
             save_step = step // training.snapshot_freq  # score_sde's numbering
-            save_checkpoint(os.path.join(checkpoint_dir, f'checkpoint_{save_step}.pth'), state)
+            save_checkpoint(os.path.join(checkpoint_dir, f"checkpoint_{save_step}.pth"), state)
             if training.snapshot_sampling:
-                snapshot_samples(config, state, sde, sampling_eps, os.path.join(sample_dir, f'iter_{step}'))
+                snapshot_samples(config, state, sde, sampling_eps, os.path.join(sample_dir, f"iter_{step}"))
     progress.close()
     writer.close()
-    logging.info('Training finished at step %d (%.1f s).', state['step'], time.time() - start_time)
+    logging.info("Training finished at step %d (%.1f s).", state["step"], time.time() - start_time)
     return state
 
 
 def _prior_fit_images(config, train_set) -> torch.Tensor:
     """Scaled training images for fitting the blur corruption's distribution at t = 1."""
-    n = min(len(train_set), int(config.blur.get('prior_fit_images', 2048)))
+    n = min(len(train_set), int(config.blur.get("prior_fit_images", 2048)))
     gen = torch.Generator().manual_seed(config.seed)
     idx = torch.randperm(len(train_set), generator=gen)[:n]
     return datasets.get_data_scaler(config)(train_set.get_batch(idx, augment=False))

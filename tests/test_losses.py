@@ -1,0 +1,265 @@
+"""The composed loss: Soft Truncation identity, equivalence with plain training, micro-batches, mixed mode, NaN."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+import losses
+import sde_lib
+
+SDES = {
+    "vp": lambda: sde_lib.VPSDE(0.1, 20.0, 1000),
+    "subvp": lambda: sde_lib.subVPSDE(0.1, 20.0, 1000),
+    "ve": lambda: sde_lib.VESDE(0.01, 50.0, 1000),
+    "rve": lambda: sde_lib.RVESDE(1e-3, 50.0, 1000, eps=1e-5),
+}
+
+
+def shrink_score(sde, c):
+    """Score of a model that under-denoises zero data: s(x, t) = -c(t) x / sigma(t)^2 (exact score has c = 1)."""
+
+    def score_fn(x, t):
+        std = sde.marginal_prob(torch.zeros_like(x), t)[1]
+        shape = (-1, *([1] * (x.dim() - 1)))
+        return -c(t).reshape(shape) * x / std.reshape(shape) ** 2
+
+    return score_fn
+
+
+@pytest.fixture
+def patch_score(monkeypatch):
+    def apply(score_fn):
+        monkeypatch.setattr(
+            losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: score_fn
+        )
+
+    return apply
+
+
+def g2_over_sigma2(sde, t: float) -> float:
+    tt = torch.tensor([t], dtype=torch.float64)
+    g2 = sde.sde(torch.zeros(1, 1, dtype=torch.float64), tt)[1] ** 2
+    std = sde.marginal_prob(torch.zeros(1, 1, dtype=torch.float64), tt)[1]
+    return float(g2 / std**2)
+
+
+def pk_cdf(tau: float, k: float, eps: float, T: float = 1.0) -> float:
+    """Independent CDF of P_k(tau) ~ tau^-k on [eps, T]."""
+    tau = min(max(tau, eps), T)
+    if k == 1:
+        return math.log(tau / eps) / math.log(T / eps)
+    return (tau ** (1 - k) - eps ** (1 - k)) / (T ** (1 - k) - eps ** (1 - k))
+
+
+@pytest.mark.parametrize("name,k", [("vp", 1.0), ("ve", 2.0), ("rve", 2.0), ("subvp", 0.5)])
+def test_soft_truncation_expectation_is_g2_times_cdf_weighting(name, k, patch_score):
+    """E_tau[L(theta; g^2, tau)] = L(theta; g^2 F_P, eps) (Kim et al. 2022, papers.md section 3)."""
+    torch.manual_seed(0)
+    sde = SDES[name]()
+    eps = 1e-3 if name == "vp" else 1e-5
+    # With x0 = 0 and s = -c x / sigma^2, std * s + z = (1 - c) z: the loss density is (1 - c(t))^2 per dimension.
+    c = lambda t: 0.5 * t  # noqa: E731
+    patch_score(shrink_score(sde, c))
+    loss_fn = losses.get_per_sample_loss_fn(
+        sde, train=True, reduce_mean=True, eps=eps, importance_sampling=True
+    )
+    D, B, n_tau = 256, 64, 400
+    batch = torch.zeros(B, D)
+    values = []
+    for _ in range(n_tau):
+        tau = float(sde_lib.sample_truncation_time(k, eps))
+        values.append(loss_fn(None, batch, tau=tau).double())
+    values = torch.cat(values)
+    estimate = float(values.mean())
+    std_err = float(values.std()) / math.sqrt(len(values))
+
+    def integrand(t):
+        return g2_over_sigma2(sde, t) * (1 - 0.5 * t) ** 2 * pk_cdf(t, k, eps)
+
+    grid = np.geomspace(eps, 1.0, 60)
+    expected = sum(integrate.quad(integrand, a, b, limit=200)[0] for a, b in zip(grid[:-1], grid[1:]))
+    assert abs(estimate - expected) < 4 * std_err + 1e-3 * expected, (estimate, expected, std_err)
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_tau_at_eps_is_plain_likelihood_training(name, patch_score):
+    """ST with tau = eps (k = inf) reproduces score_sde's likelihood-weighted loss bit for bit."""
+    sde = SDES[name]()
+    eps = 1e-5
+    model_score = shrink_score(sde, lambda t: 0.3 + 0.5 * t)
+    patch_score(model_score)
+    batch = torch.randn(8, 3, 4, 4)
+    assert float(sde_lib.sample_truncation_time(math.inf, eps)) == pytest.approx(eps, rel=1e-6)
+    loss_fn = losses.get_sde_loss_fn(sde, train=True, reduce_mean=False, likelihood_weighting=True, eps=eps)
+    torch.manual_seed(3)
+    ours = loss_fn(None, batch, tau=eps)
+
+    # score_sde's get_sde_loss_fn, written out independently
+    torch.manual_seed(3)
+    t = torch.rand(batch.shape[0]) * (sde.T - eps) + eps
+    z = torch.randn_like(batch)
+    mean, std = sde.marginal_prob(batch, t)
+    x_t = mean + std[:, None, None, None] * z
+    score = model_score(x_t, t)
+    g2 = sde.sde(torch.zeros_like(batch), t)[1] ** 2
+    reference = torch.mean(
+        0.5 * torch.sum(torch.square(score + z / std[:, None, None, None]).reshape(8, -1), -1) * g2
+    )
+    torch.testing.assert_close(ours, reference, rtol=2e-6, atol=0)
+
+
+def test_variance_weighting_matches_score_sde(patch_score):
+    sde = SDES["vp"]()
+    model_score = shrink_score(sde, lambda t: 0.8 + 0 * t)
+    patch_score(model_score)
+    batch = torch.randn(6, 2, 4, 4)
+    loss_fn = losses.get_sde_loss_fn(sde, train=True, reduce_mean=True, likelihood_weighting=False, eps=1e-5)
+    torch.manual_seed(5)
+    ours = loss_fn(None, batch)
+    torch.manual_seed(5)
+    t = torch.rand(6) * (1 - 1e-5) + 1e-5
+    z = torch.randn_like(batch)
+    mean, std = sde.marginal_prob(batch, t)
+    x_t = mean + std[:, None, None, None] * z
+    score = model_score(x_t, t)
+    reference = torch.mean(torch.mean(torch.square(score * std[:, None, None, None] + z).reshape(6, -1), -1))
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0)
+
+
+def test_importance_sampling_estimator_is_unbiased(patch_score):
+    """Z_tau E_{p_iw}[(1-c)^2] equals the uniform-time likelihood-weighted integral, computed by quadrature."""
+    torch.manual_seed(1)
+    sde = SDES["vp"]()
+    tau = 1e-3
+    patch_score(shrink_score(sde, lambda t: t))
+    loss_fn = losses.get_per_sample_loss_fn(sde, train=True, reduce_mean=True, importance_sampling=True)
+    values = torch.cat([loss_fn(None, torch.zeros(256, 128), tau=tau).double() for _ in range(40)])
+    expected = integrate.quad(lambda t: g2_over_sigma2(sde, t) * (1 - t) ** 2, tau, 1.0, limit=200)[0]
+    std_err = float(values.std()) / math.sqrt(len(values))
+    assert abs(float(values.mean()) - expected) < 4 * std_err + 1e-3 * expected
+
+
+class Linear(torch.nn.Module):
+    """A tiny 'score model' with parameters: s(x, t) = -(w x + b) / sigma^2 (works for every SDE)."""
+
+    def __init__(self, sde):
+        super().__init__()
+        self.sde = sde
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.b = torch.nn.Parameter(torch.tensor(0.1))
+
+    def score(self, x, t):
+        std = self.sde.marginal_prob(torch.zeros_like(x), t)[1].reshape(-1, *([1] * (x.dim() - 1)))
+        return -(self.w * x + self.b) / std**2
+
+
+class FakeEMA:
+    def __init__(self):
+        self.updates = 0
+
+    def update(self, params):
+        self.updates += 1
+
+
+def make_state(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return dict(model=model, optimizer=opt, ema=FakeEMA(), step=0)
+
+
+def sgd_step(optimizer, params, step):
+    optimizer.step()
+
+
+@pytest.fixture
+def linear_score(monkeypatch):
+    monkeypatch.setattr(
+        losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: model.score
+    )
+
+
+def test_micro_batches_share_one_tau_and_average_gradients(monkeypatch, linear_score):
+    sde = SDES["vp"]()
+    taus = []
+    monkeypatch.setattr(losses, "sample_tau", lambda st, k, eps, T=1.0: taus.append(0.2) or 0.2)
+    seen = []
+    original = losses.get_per_sample_loss_fn
+
+    def spy(*args, **kwargs):
+        fn = original(*args, **kwargs)
+
+        def wrapped(model, batch, tau=None, reference=None):
+            seen.append((tau, batch.shape[0]))
+            return fn(model, batch, tau=tau, reference=reference)
+
+        return wrapped
+
+    monkeypatch.setattr(losses, "get_per_sample_loss_fn", spy)
+    model = Linear(sde)
+    state = make_state(model)
+    step_fn = losses.get_step_fn(sde, True, sgd_step, reduce_mean=True, st=True, k=1.0, num_micro_batch=4)
+    step_fn(state, torch.randn(8, 5))
+    assert taus == [0.2] and seen == [(0.2, 2)] * 4
+    assert state["step"] == 1 and state["ema"].updates == 1
+
+    # gradient accumulation: the accumulated gradient equals the gradient of the full-batch mean loss
+    batch = torch.randn(8, 5)
+    per_sample = original(sde, True, reduce_mean=True)
+    model_a, model_b = Linear(sde), Linear(sde)
+    torch.manual_seed(9)
+    step_a = losses.get_step_fn(sde, True, lambda o, p, step: None, reduce_mean=True, num_micro_batch=2)
+    step_a(make_state(model_a), batch)
+    torch.manual_seed(9)
+    halves = [per_sample(model_b, chunk, tau=0.2) for chunk in torch.tensor_split(batch, 2)]
+    torch.mean(torch.cat(halves)).backward()
+    torch.testing.assert_close(model_a.w.grad, model_b.w.grad)
+    torch.testing.assert_close(model_a.b.grad, model_b.b.grad)
+
+
+def test_mixed_and_balanced_modes(monkeypatch, linear_score):
+    sde = SDES["vp"]()
+    batch = torch.randn(8, 5)
+    per_sample = losses.get_per_sample_loss_fn
+    for balanced in (False, True):
+        model = Linear(sde)
+        step_fn = losses.get_step_fn(
+            sde,
+            True,
+            lambda o, p, step: None,
+            reduce_mean=True,
+            mixed=True,
+            balanced=balanced,
+            ddpm_weight=3.0,
+        )
+        torch.manual_seed(2)
+        loss = step_fn(make_state(model), batch)
+        torch.manual_seed(2)
+        l_is = per_sample(sde, True, reduce_mean=True, importance_sampling=True)(model, batch[:4], tau=1e-5)
+        l_u = per_sample(sde, True, reduce_mean=True)(model, batch[4:], tau=1e-5)
+        weight = 3.0 * torch.mean(l_is / l_u) if balanced else 3.0
+        torch.testing.assert_close(loss, torch.mean(l_is + weight * l_u).detach())
+
+
+def test_nonfinite_loss_skips_the_step(linear_score):
+    sde = SDES["vp"]()
+    model = Linear(sde)
+    with torch.no_grad():
+        model.w.fill_(float("nan"))
+    state = make_state(model)
+    calls = []
+    step_fn = losses.get_step_fn(sde, True, lambda o, p, step: calls.append(step), reduce_mean=True)
+    loss = step_fn(state, torch.randn(4, 3))
+    assert not torch.isfinite(loss)
+    assert state["nonfinite"] and state["step"] == 0 and calls == [] and state["ema"].updates == 0
+
+
+def test_invalid_options_are_rejected():
+    sde = SDES["vp"]()
+    with pytest.raises(ValueError, match="weighting"):
+        losses.get_per_sample_loss_fn(sde, True, weighting="bogus")
+    with pytest.raises(ValueError, match="num_micro_batch"):
+        losses.get_step_fn(sde, True, None, num_micro_batch=0)
+    with pytest.raises(ValueError):
+        sde_lib.sample_truncation_time(-1.0, 1e-5)
