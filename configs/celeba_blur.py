@@ -1,10 +1,11 @@
-"""Soft Diffusion (Daras et al. 2023; papers.md section 5) on CelebA 64x64: heat-equation blur + low noise, DDPM++.
+"""Soft Diffusion (Daras et al. 2023; papers.md section 5) on CelebA 64x64: blur + low noise, DDPM++.
 
-As configs/cifar10_blur.py at twice the resolution: blur std geometric from 0.3 to 40 pixels (sigma_max / image
-size = 0.625 as for CIFAR-10, leaving the DC and the first DCT harmonic at t = 1), noise geometric from 0.01 to 0.1,
-DDPM++ (CelebA 64 layout of the Soft Truncation configs) with positional embedding, Soft Score Matching
-(DSM-equivalent weighting) and the Momentum Sampler. The paper reports FID 1.85 on CelebA 64 with its W2 schedule:
-build it with tools/blur_schedule.py and set blur.schedule = 'file' (see configs/cifar10_blur.py).
+As configs/cifar10_blur.py at twice the resolution: blur std geometric from 0.3 to 40 pixels
+(sigma_max / image size = 0.625 as for CIFAR-10, leaving the DC and the first DCT harmonic at t = 1),
+noise geometric from 0.01 to 0.1, DDPM++ (CelebA 64 layout of the Soft Truncation configs) with
+positional embedding, Soft Score Matching (DSM-equivalent weighting) and the Momentum Sampler. The paper
+reports FID 1.85 on CelebA 64 with its W2 schedule: build it with tools/blur_schedule.py and set
+blur.schedule = 'file' (see configs/cifar10_blur.py).
 """
 
 from configs.default_celeba_configs import get_default_configs

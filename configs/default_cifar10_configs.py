@@ -49,7 +49,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.noise_removal = True
   sampling.probability_flow = False
   sampling.snr = 0.16
-  sampling.truncation_time = 0.0  # 0: score_sde's default (1e-3 for VE/RVE, 1e-5 for VP/subVP)
+  sampling.truncation_time = 0.0  # 0: score_sde's default (1e-3 for VP/subVP, 1e-5 for VE, eps for RVE)
   sampling.batch_size = 64  # snapshot sample grid size during training
   sampling.nfe = 35  # budget of the fast samplers ('heun', 'dpm_solver')
   sampling.dpm_solver_order = 3
@@ -64,6 +64,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.enable_nelbo = False
+  evaluate.enable_fid = True  # FID / IS / KID of the samples (needs the Inception weights file)
+  evaluate.max_bpd_batches = 0  # 0: the whole bits/dim dataset
+  evaluate.sample_ckpt = 0  # --mode sample: checkpoint number (0: the latest)
   evaluate.bpd_dataset = 'test'
   evaluate.bpd_num_repeats = 5
   evaluate.residual = True  # ST paper's exact treatment of the truncation in bits/dim

@@ -44,10 +44,18 @@ def get_config():
     sampling = config.sampling
     sampling.method = 'dpm_solver'  # fast deterministic sampler, 35 network evaluations
     sampling.nfe = 35
+    sampling.dpm_solver_order = 2
     sampling.batch_size = 64
 
-    config.eval.batch_size = 256
-    config.eval.num_samples = 1024
-    config.eval.begin_ckpt = 1
-    config.eval.end_ckpt = 2
+    evaluate = config.eval
+    evaluate.batch_size = 256
+    evaluate.begin_ckpt = 2  # checkpoint_2.pth: the end of training
+    evaluate.end_ckpt = 2
+    evaluate.enable_loss = True
+    evaluate.enable_bpd = True  # exact bits/dim through the probability-flow ODE
+    evaluate.bpd_num_repeats = 1
+    evaluate.max_bpd_batches = 1
+    evaluate.enable_sampling = True
+    evaluate.num_samples = 256
+    evaluate.enable_fid = False  # FID needs the Inception weights file (see README)
     return config

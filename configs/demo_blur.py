@@ -1,8 +1,8 @@
 """The embedded demo (configs/demo.py: small DDPM++ on the procedural SHAPES set, 16x16) with Soft Diffusion.
 
-Blur std geometric from 0.3 to 10 pixels (sigma_max / image size = 0.625 as in the full-size configs), noise
-geometric from 0.01 to 0.1, Soft Score Matching with the DSM-equivalent weighting, Momentum Sampler with 32 network
-evaluations. No download; trains on a CPU in a few minutes like configs/demo.py.
+Blur std geometric from 0.3 to 10 pixels (sigma_max / image size = 0.625 as in the full-size configs),
+noise geometric from 0.01 to 0.1, Soft Score Matching with the DSM-equivalent weighting, Momentum Sampler
+with 32 network evaluations. No download; trains on a CPU like configs/demo.py.
 """
 
 from configs import demo

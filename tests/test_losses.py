@@ -263,3 +263,65 @@ def test_invalid_options_are_rejected():
         losses.get_step_fn(sde, True, None, num_micro_batch=0)
     with pytest.raises(ValueError):
         sde_lib.sample_truncation_time(-1.0, 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_stf_with_own_source_only_is_exactly_dsm(name, patch_score):
+    """n = 1: the reference batch holds only the sample's own source, and STF is the DSM loss."""
+    sde = SDES[name]()
+    patch_score(shrink_score(sde, lambda t: 0.5 + 0.3 * t))
+    x0 = torch.randn(1, 3, 4, 4)
+    dsm = losses.get_per_sample_loss_fn(sde, True, reduce_mean=True, likelihood_weighting=True)
+    stf_loss = losses.get_per_sample_loss_fn(sde, True, reduce_mean=True, likelihood_weighting=True, stf=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = dsm(None, x0)
+        torch.manual_seed(seed)
+        b = stf_loss(None, x0, reference=x0.clone())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stf_target_moves_towards_the_weighted_mean(patch_score):
+    """With two far-apart references and a tiny sigma, the STF target picks the source nearest to x_t."""
+    sde = SDES["ve"]()
+    patch_score(lambda x, t: torch.zeros_like(x))
+    x0 = torch.zeros(1, 8)
+    far = torch.full((1, 8), 100.0)
+    stf_loss = losses.get_per_sample_loss_fn(sde, True, reduce_mean=True, stf=True)
+    dsm = losses.get_per_sample_loss_fn(sde, True, reduce_mean=True)
+    torch.manual_seed(0)
+    a = stf_loss(None, x0, tau=0.01, reference=torch.cat([x0, far]))
+    torch.manual_seed(0)
+    b = dsm(None, x0, tau=0.01)
+    torch.testing.assert_close(a, b)  # the far source gets zero weight
+
+
+def test_soft_score_matching_loss_vanishes_for_the_true_clean_image():
+    """Blur corruption: with h(x_t, t) = x0 (a network that knows the one training image) the loss is 0, and
+    for another h it equals the direct formula ||C_t (h - x0)||^2 / s_t^2 (the 'ssm' weighting)."""
+    import corruption
+
+    blur = corruption.BlurCorruption(sigma_min=0.5, sigma_max=4.0, noise_min=0.01, noise_max=0.1)
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+
+    class Knows(torch.nn.Module):
+        def __init__(self, offset):
+            super().__init__()
+            self.offset = offset
+
+        def forward(self, x, labels):  # residual form: h = x + model(x) = x0 + offset
+            return x0 + self.offset - x
+
+    loss_fn = losses.get_per_sample_loss_fn(blur, True, reduce_mean=False, eps=1e-3)
+    batch = x0.expand(4, -1, -1, -1)
+    zero = loss_fn(Knows(0.0), batch)
+    assert float(zero.abs().max()) < 1e-6 * float(loss_fn(Knows(0.1), batch).min())
+
+    offset = 0.05 * torch.randn(1, 3, 8, 8)
+    torch.manual_seed(4)
+    ours = loss_fn(Knows(offset), batch)
+    torch.manual_seed(4)
+    t = torch.rand(4) * (1 - 1e-3) + 1e-3
+    s = blur.noise_std(t)
+    direct = 0.5 * torch.sum(blur.blur_at(offset.expand(4, -1, -1, -1), t).reshape(4, -1) ** 2, -1) / s**2
+    torch.testing.assert_close(ours, direct, rtol=2e-3, atol=0)

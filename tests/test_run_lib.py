@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE_DIR
@@ -205,3 +206,124 @@ def test_checkpoint_of_another_architecture_fails_loudly():
     state = run_lib.build_state(config, config.device)
     with pytest.raises(RuntimeError, match="shape mismatches"):
         utils.restore_checkpoint(os.path.join(VECTORS, "checkpoint_vp_ddpmpp_tiny.pth"), state, config.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and sampling modes
+
+from test_evaluation import inception_weights  # noqa: E402,F401  (fixture: random Inception weights file)
+
+
+def eval_config(workdir, tmp_path, inception_path):
+    config = tiny_config(n_iters=2)
+    run_lib.train(config, str(workdir))
+    config.sampling.method = "dpm_solver"
+    config.sampling.nfe = 6
+    config.sampling.dpm_solver_order = 2
+    ev = config.eval
+    ev.begin_ckpt = ev.end_ckpt = 1
+    ev.batch_size = 4
+    ev.enable_loss = True
+    ev.enable_bpd = True
+    ev.enable_nelbo = True
+    ev.bpd_num_repeats = 2
+    ev.max_bpd_batches = 1
+    ev.enable_sampling = True
+    ev.num_samples = 10
+    ev.enable_fid = True
+    ev.inception_path = inception_path
+    ev.stats_path = str(tmp_path / "stats.npz")
+    return config
+
+
+def test_evaluate_writes_all_metrics_and_resumes(tmp_path, inception_weights, monkeypatch):
+    import json
+
+    import evaluation
+
+    workdir = tmp_path / "run"
+    config = eval_config(workdir, tmp_path, inception_weights)
+    calls = {"n": 0}
+    original = evaluation.write_samples_in_batches
+
+    def counting_writer(sampling_fn, *args, **kwargs):
+        def counted(model):
+            calls["n"] += 1
+            if calls.get("die") and calls["n"] == 2:
+                raise KeyboardInterrupt("killed during sampling")
+            return sampling_fn(model)
+
+        return original(counted, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "write_samples_in_batches", counting_writer)
+    calls["die"] = True
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.evaluate(config, str(workdir), "eval")
+    folder = workdir / "eval" / "ckpt_1"
+    assert sorted(os.listdir(folder / "samples")) == ["samples_0.npz"]
+    assert len(list(folder.glob("bpd_*.npy"))) == 2  # both repeats done before sampling started
+    calls.update(n=0, die=False)
+    results = run_lib.evaluate(config, str(workdir), "eval")[1]
+    assert calls["n"] == 2  # batches 1 and 2 of 3 (10 samples in batches of 4); batch 0 was kept
+    saved = json.loads((folder / "results.json").read_text())
+    for key in ("eval_loss", "bpd", "nelbo_bpd", "fid", "is", "kid"):
+        assert key in saved and saved[key] == pytest.approx(results[key])
+    assert 0 < saved["bpd"] < 30 and saved["bpd_num_images"] == 8
+    assert saved["fid"] >= 0
+    assert (folder / "sample_grid.png").exists()
+    with np.load(folder / "samples" / "samples_2.npz") as data:
+        assert data["samples"].shape == (2, 8, 8, 3) and data["samples"].dtype == np.uint8
+
+
+def test_sample_mode_writes_png_and_npz(tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_config(n_iters=2)
+    run_lib.train(config, str(workdir))
+    config.sampling.method = "ode"
+    config.eval.batch_size = 4
+    config.eval.num_samples = 4
+    out = run_lib.sample(config, str(workdir), "eval")
+    assert sorted(os.listdir(out)) == ["samples_0.npz", "samples_0.png", "train.log"]
+
+
+def test_evaluate_missing_checkpoint_names_the_file(tmp_path):
+    config = tiny_config()
+    config.eval.begin_ckpt = config.eval.end_ckpt = 7
+    with pytest.raises(FileNotFoundError, match="checkpoint_7.pth"):
+        run_lib.evaluate(config, str(tmp_path), "eval")
+
+
+def test_stf_training_resumes_exactly(tmp_path):
+    def config(n_iters):
+        c = tiny_config(n_iters=n_iters, stf=True, stf_ref_batch_size=32)
+        return c
+
+    straight = run_lib.train(config(3), str(tmp_path / "a"))
+    run_lib.train(config(1), str(tmp_path / "b"))
+    resumed = run_lib.train(config(3), str(tmp_path / "b"))
+    for a, b in zip(flat_state(straight), flat_state(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_blur_corruption_trains_and_samples_from_the_checkpoint_alone(tmp_path):
+    from corruption import default_blur_config
+
+    config = tiny_config(n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3)
+    config.blur = default_blur_config()
+    config.blur.sigma_max = 4.0
+    config.blur.num_steps = 4
+    config.blur.prior_fit_images = 32
+    config.sampling.method = "momentum"
+    workdir = tmp_path / "run"
+    run_lib.train(config, str(workdir))
+    saved = utils.load_checkpoint_file(str(workdir / "checkpoints" / "checkpoint_1.pth"))
+    assert "corruption" in saved and all(isinstance(v, torch.Tensor) for v in saved["corruption"].values())
+
+    # sampling restores the fitted prior from the checkpoint: no data access
+    config.data.dataset = "CIFAR10"
+    config.data.root = str(tmp_path / "no-data-here")
+    config.eval.batch_size = 4
+    config.eval.num_samples = 4
+    out = run_lib.sample(config, str(workdir), "eval")
+    with np.load(os.path.join(out, "samples_0.npz")) as data:
+        assert data["samples"].shape == (4, 8, 8, 3)
