@@ -11,12 +11,12 @@ import run_lib
 
 FLAGS = flags.FLAGS
 
-config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Work directory.')
-flags.DEFINE_enum('mode', None, ['train', 'eval', 'sample'], 'Running mode: train, eval or sample.')
-flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.')
-flags.DEFINE_string('device', None, "Device override, e.g. 'cpu' or 'cuda:1' (default: CUDA when available).")
-flags.mark_flags_as_required(['workdir', 'config', 'mode'])
+config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "sample"], "Running mode: train, eval or sample.")
+flags.DEFINE_string("eval_folder", "eval", "The folder name for storing evaluation results.")
+flags.DEFINE_string("device", None, "Device override, e.g. 'cpu' or 'cuda:1' (default: CUDA when available).")
+flags.mark_flags_as_required(["workdir", "config", "mode"])
 
 
 def main(argv):
@@ -27,13 +27,13 @@ def main(argv):
             config.device = torch.device(FLAGS.device)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
-    if FLAGS.mode == 'train':
+    if FLAGS.mode == "train":
         run_lib.train(config, FLAGS.workdir)
-    elif FLAGS.mode == 'eval':
+    elif FLAGS.mode == "eval":
         run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
     else:
         run_lib.sample(config, FLAGS.workdir, FLAGS.eval_folder)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     app.run(main)

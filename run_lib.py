@@ -218,7 +218,9 @@ def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str)
     _save_grid(sample, folder)
 
 
-def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None) -> torch.Tensor | None:
+def _reference_batch(
+    ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None
+) -> torch.Tensor | None:
     """STF reference batch: the step's own sources first, then extra training images (scaled like the batch).
 
     With `seed` (the training step's position) the extra draws depend only on it, so a resumed run draws the same
@@ -230,7 +232,7 @@ def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None 
         ref_sampler.generator.manual_seed(seed)
     extra = ref_sampler.sample(batch.shape[0])
     reference = batch if extra.shape[0] == 0 else torch.cat([batch, scaler(extra.to(batch.device))], dim=0)
-    if getattr(ref_sampler, 'gather', False):
+    if getattr(ref_sampler, "gather", False):
         import stf
 
         reference = stf.gather_reference_batch(reference)
@@ -291,7 +293,7 @@ def train(config, workdir: str) -> dict:
         ref_sampler = stf.ReferenceBatchSampler(
             train_set, int(config.training.stf_ref_batch_size), random_flip=bool(config.data.random_flip)
         )
-        ref_sampler.gather = bool(config.training.get('stf_gather', False))
+        ref_sampler.gather = bool(config.training.get("stf_gather", False))
 
     optimize_fn = losses.optimization_manager(config)
     train_step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize_fn)
@@ -381,8 +383,8 @@ def _repeat(loader) -> Iterator:
 def _atomic_json(path: str, payload: dict) -> None:
     import json
 
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -398,24 +400,24 @@ def _load_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except ValueError:
-        logging.warning('Unreadable results file %s: recomputing.', path)
+        logging.warning("Unreadable results file %s: recomputing.", path)
         return {}
 
 
 def _restore_for_eval(config, workdir: str, ckpt: int, state: dict, sde) -> str:
     """Load checkpoint_{ckpt}.pth (EMA weights copied into the model); returns its path."""
-    ckpt_path = os.path.join(workdir, 'checkpoints', f'checkpoint_{ckpt}.pth')
+    ckpt_path = os.path.join(workdir, "checkpoints", f"checkpoint_{ckpt}.pth")
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(
-            f'{ckpt_path} does not exist. Train first, or set eval.begin_ckpt / eval.end_ckpt to the checkpoint '
-            f'numbers present in {os.path.dirname(ckpt_path)} (checkpoint_N.pth is written every '
-            'training.snapshot_freq steps).'
+            f"{ckpt_path} does not exist. Train first, or set eval.begin_ckpt / eval.end_ckpt to the checkpoint "
+            f"numbers present in {os.path.dirname(ckpt_path)} (checkpoint_N.pth is written every "
+            "training.snapshot_freq steps)."
         )
     state = restore_checkpoint(ckpt_path, state, get_device(config))
-    if 'corruption' in state and hasattr(sde, 'load_state_dict'):
-        sde.load_state_dict(state['corruption'])
-    state['ema'].copy_to(state['model'].parameters())
-    state['model'].eval()
+    if "corruption" in state and hasattr(sde, "load_state_dict"):
+        sde.load_state_dict(state["corruption"])
+    state["ema"].copy_to(state["model"].parameters())
+    state["model"].eval()
     return ckpt_path
 
 
@@ -424,15 +426,15 @@ def _chunked_metric(folder: str, name: str, batches, compute) -> np.ndarray:
     os.makedirs(folder, exist_ok=True)
     values = []
     for i, batch in enumerate(batches):
-        path = os.path.join(folder, f'{name}_{i}.npy')
+        path = os.path.join(folder, f"{name}_{i}.npy")
         if os.path.exists(path):
             try:
                 values.append(np.load(path))
                 continue
             except ValueError:
-                logging.warning('Unreadable %s: computing it again.', path)
+                logging.warning("Unreadable %s: computing it again.", path)
         value = np.asarray(compute(batch), dtype=np.float64).reshape(-1)
-        tmp = path + '.tmp.npy'
+        tmp = path + ".tmp.npy"
         np.save(tmp, value)
         os.replace(tmp, path)
         values.append(value)
@@ -441,20 +443,20 @@ def _chunked_metric(folder: str, name: str, batches, compute) -> np.ndarray:
 
 def _bpd_batches(config, repeats: int, max_batches: int):
     """(repeat, batch) pairs of the bits/dim dataset, uniformly dequantized afresh for each repeat."""
-    split = config.eval.get('bpd_dataset', 'test')
-    if split not in ('train', 'test'):
+    split = config.eval.get("bpd_dataset", "test")
+    if split not in ("train", "test"):
         raise ValueError(f"eval.bpd_dataset={split!r} must be 'train' or 'test'.")
     train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True, evaluation=True)
-    loader = train_ds if split == 'train' else eval_ds
+    loader = train_ds if split == "train" else eval_ds
     for repeat in range(repeats):
         torch.manual_seed(config.seed + 7 * repeat)
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            yield batch['image']
+            yield batch["image"]
 
 
-def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict:
+def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
     """Evaluate checkpoints eval.begin_ckpt .. eval.end_ckpt: loss, bits/dim, NELBO, samples, FID / IS / KID.
 
     Results go to WORKDIR/EVAL_FOLDER/ckpt_N/results.json (and tensorboard); every finished piece (a bits/dim
@@ -474,61 +476,65 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict:
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     ev = config.eval
-    eps = float(config.training.get('truncation_time', 1e-5))
+    eps = float(config.training.get("truncation_time", 1e-5))
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(eval_dir, 'tensorboard'))
+    writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
     all_results = {}
     for ckpt in range(int(ev.begin_ckpt), int(ev.end_ckpt) + 1):
         ckpt_path = _restore_for_eval(config, workdir, ckpt, state, sde)
-        model = state['model']
-        folder = os.path.join(eval_dir, f'ckpt_{ckpt}')
+        model = state["model"]
+        folder = os.path.join(eval_dir, f"ckpt_{ckpt}")
         os.makedirs(folder, exist_ok=True)
-        results_path = os.path.join(folder, 'results.json')
+        results_path = os.path.join(folder, "results.json")
         results = _load_json(results_path)
-        results.update(checkpoint=ckpt_path, step=int(state['step']))
-        logging.info('Evaluating %s (step %d).', ckpt_path, state['step'])
+        results.update(checkpoint=ckpt_path, step=int(state["step"]))
+        logging.info("Evaluating %s (step %d).", ckpt_path, state["step"])
 
-        if ev.get('enable_loss', True) and 'eval_loss' not in results:
+        if ev.get("enable_loss", True) and "eval_loss" not in results:
             eval_step = losses.get_step_fn_from_config(config, sde, train=False)
             _, eval_ds, _ = datasets.get_dataset(
-                config, uniform_dequantization=bool(config.data.get('uniform_dequantization', False)), evaluation=True
+                config,
+                uniform_dequantization=bool(config.data.get("uniform_dequantization", False)),
+                evaluation=True,
             )
             with torch.no_grad():
-                values = [float(eval_step(state, scaler(b['image'].to(device)))) for b in eval_ds]
-            results['eval_loss'] = float(np.mean(values))
+                values = [float(eval_step(state, scaler(b["image"].to(device)))) for b in eval_ds]
+            results["eval_loss"] = float(np.mean(values))
 
-        max_batches = int(ev.get('max_bpd_batches', 0))
-        repeats = int(ev.get('bpd_num_repeats', 5))
-        if ev.get('enable_bpd', False) and 'bpd' not in results:
+        max_batches = int(ev.get("max_bpd_batches", 0))
+        repeats = int(ev.get("bpd_num_repeats", 5))
+        if ev.get("enable_bpd", False) and "bpd" not in results:
             likelihood_fn = likelihood.get_likelihood_fn(
                 sde,
                 inverse_scaler,
-                hutchinson_type=ev.get('hutchinson_type', 'Rademacher'),
+                hutchinson_type=ev.get("hutchinson_type", "Rademacher"),
                 eps=eps,
-                truncation='exact' if ev.get('residual', True) else 'plain',
+                truncation="exact" if ev.get("residual", True) else "plain",
             )
             bpd = _chunked_metric(
                 folder,
-                'bpd',
+                "bpd",
                 _bpd_batches(config, repeats, max_batches),
-                lambda x: likelihood_fn(model, scaler(x.to(device)))[0].cpu(),
+                lambda x, fn=likelihood_fn, net=model: fn(net, scaler(x.to(device)))[0].cpu(),
             )
-            results['bpd'] = float(bpd.mean())
-            results['bpd_num_images'] = int(bpd.size)
-        if ev.get('enable_nelbo', False) and 'nelbo_bpd' not in results:
-            nelbo_fn = likelihood.get_nelbo_fn(sde, inverse_scaler, eps=eps)
+            results["bpd"] = float(bpd.mean())
+            results["bpd_num_images"] = int(bpd.size)
+        if ev.get("enable_nelbo", False) and "nelbo_bpd" not in results:
+            nelbo_fn = likelihood.get_nelbo_fn(
+                sde, inverse_scaler, eps=eps, data_std=0.5 if config.data.centered else 0.25
+            )
             with torch.no_grad():
                 nelbo = _chunked_metric(
                     folder,
-                    'nelbo',
+                    "nelbo",
                     _bpd_batches(config, repeats, max_batches),
-                    lambda x: nelbo_fn(model, scaler(x.to(device))).cpu(),
+                    lambda x, fn=nelbo_fn, net=model: fn(net, scaler(x.to(device))).cpu(),
                 )
-            results['nelbo_bpd'] = float(nelbo.mean())
+            results["nelbo_bpd"] = float(nelbo.mean())
 
-        if ev.get('enable_sampling', False):
-            sample_dir = os.path.join(folder, 'samples')
+        if ev.get("enable_sampling", False):
+            sample_dir = os.path.join(folder, "samples")
             batch = int(ev.batch_size)
             sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, batch)
             with torch.no_grad():
@@ -539,21 +545,21 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict:
                     int(ev.num_samples),
                     batch,
                     seed=config.seed + 1000003 * ckpt,
-                    grid_path=os.path.join(folder, 'sample_grid.png'),
+                    grid_path=os.path.join(folder, "sample_grid.png"),
                 )
-            results['num_samples'] = int(ev.num_samples)
-            if ev.get('enable_fid', True) and 'fid' not in results:
+            results["num_samples"] = int(ev.num_samples)
+            if ev.get("enable_fid", True) and "fid" not in results:
                 reference = _reference_stats(config, evaluation)
                 metrics = evaluation.metrics_from_sample_dir(
-                    sample_dir, reference, inception_path=ev.get('inception_path', '') or None, device=device
+                    sample_dir, reference, inception_path=ev.get("inception_path", "") or None, device=device
                 )
                 results.update({k: v for k, v in metrics.items() if v is not None})
 
         _atomic_json(results_path, results)
         for key, value in results.items():
             if isinstance(value, float):
-                writer.add_scalar(key, value, int(state['step']))
-        logging.info('ckpt %d: %s', ckpt, {k: v for k, v in results.items() if isinstance(v, (int, float))})
+                writer.add_scalar(key, value, int(state["step"]))
+        logging.info("ckpt %d: %s", ckpt, {k: v for k, v in results.items() if isinstance(v, (int, float))})
         all_results[ckpt] = results
     writer.close()
     return all_results
@@ -562,14 +568,14 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> dict:
 def _reference_stats(config, evaluation):
     """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz
     (computed from the training set and saved the first time)."""
-    path = config.eval.get('stats_path', '') or os.path.join(
-        'assets', 'stats', f'{config.data.dataset.lower()}_{config.data.image_size}_stats.npz'
+    path = config.eval.get("stats_path", "") or os.path.join(
+        "assets", "stats", f"{config.data.dataset.lower()}_{config.data.image_size}_stats.npz"
     )
     if os.path.exists(path):
         return evaluation.load_reference_stats(path)
-    logging.info('Computing reference statistics of the training set into %s.', path)
+    logging.info("Computing reference statistics of the training set into %s.", path)
     inception = evaluation.get_inception_model(
-        weights_path=config.eval.get('inception_path', '') or None, device=get_device(config)
+        weights_path=config.eval.get("inception_path", "") or None, device=get_device(config)
     )
     train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
     return evaluation.compute_reference_stats(train_ds, inception, out_path=path)
@@ -578,16 +584,20 @@ def _reference_stats(config, evaluation):
 def _latest_checkpoint(workdir: str) -> int:
     import re
 
-    folder = os.path.join(workdir, 'checkpoints')
-    found = [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r'checkpoint_(\d+)\.pth$', n))] if (
-        os.path.isdir(folder)
-    ) else []
+    folder = os.path.join(workdir, "checkpoints")
+    found = (
+        [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"checkpoint_(\d+)\.pth$", n))]
+        if (os.path.isdir(folder))
+        else []
+    )
     if not found:
-        raise FileNotFoundError(f'No checkpoint_N.pth in {folder}: train first (python main.py --mode train).')
+        raise FileNotFoundError(
+            f"No checkpoint_N.pth in {folder}: train first (python main.py --mode train)."
+        )
     return max(found)
 
 
-def sample(config, workdir: str, eval_folder: str = 'eval') -> str:
+def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     """Write eval.num_samples samples of checkpoint eval.end_ckpt (or the latest) with config.sampling.method.
 
     Output: WORKDIR/EVAL_FOLDER/samples_ckpt_N_METHOD/samples_{r}.npz (uint8 NHWC) and samples_{r}.png (grid)
@@ -599,9 +609,9 @@ def sample(config, workdir: str, eval_folder: str = 'eval') -> str:
     device = get_device(config)
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
-    ckpt = int(config.eval.get('sample_ckpt', 0)) or _latest_checkpoint(workdir)
+    ckpt = int(config.eval.get("sample_ckpt", 0)) or _latest_checkpoint(workdir)
     _restore_for_eval(config, workdir, ckpt, state, sde)
-    out_dir = os.path.join(workdir, eval_folder, f'samples_ckpt_{ckpt}_{config.sampling.method}')
+    out_dir = os.path.join(workdir, eval_folder, f"samples_ckpt_{ckpt}_{config.sampling.method}")
     _setup_logging(out_dir)
     batch = int(config.eval.batch_size)
     sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, batch)
@@ -609,13 +619,15 @@ def sample(config, workdir: str, eval_folder: str = 'eval') -> str:
     def sampling_with_grid(model):
         x, nfe = sampling_fn(model)
         round_index = len(evaluation.list_sample_files(out_dir)) if os.path.isdir(out_dir) else 0
-        evaluation.save_image_grid(x, os.path.join(out_dir, f'samples_{round_index}.png'), nrow=int(math.sqrt(len(x))) or 1)
-        logging.info('Sampling round %d: %d network evaluations.', round_index, nfe)
+        evaluation.save_image_grid(
+            x, os.path.join(out_dir, f"samples_{round_index}.png"), nrow=int(math.sqrt(len(x))) or 1
+        )
+        logging.info("Sampling round %d: %d network evaluations.", round_index, nfe)
         return x, nfe
 
     with torch.no_grad():
         evaluation.write_samples_in_batches(
-            sampling_with_grid, state['model'], out_dir, int(config.eval.num_samples), batch, seed=config.seed
+            sampling_with_grid, state["model"], out_dir, int(config.eval.num_samples), batch, seed=config.seed
         )
-    logging.info('Samples written to %s.', out_dir)
+    logging.info("Samples written to %s.", out_dir)
     return out_dir

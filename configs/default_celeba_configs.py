@@ -7,7 +7,7 @@ from configs.default_cifar10_configs import get_default_configs as get_cifar10_d
 
 def get_default_configs() -> ml_collections.ConfigDict:
     config = get_cifar10_defaults()
-    config.data.dataset = 'CELEBA'
+    config.data.dataset = "CELEBA"
     config.data.image_size = 64
     config.model.sigma_max = 90
     config.sampling.snr = 0.17

@@ -7,6 +7,6 @@ from configs.default_cifar10_configs import get_default_configs as get_cifar10_d
 
 def get_default_configs() -> ml_collections.ConfigDict:
     config = get_cifar10_defaults()
-    config.data.dataset = 'IMAGENET32'
+    config.data.dataset = "IMAGENET32"
     config.data.image_size = 32
     return config

@@ -14,7 +14,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.sampling.snr = 0.075
     config.sampling.batch_size = 16
     config.eval.batch_size = 512
-    config.data.dataset = 'CelebAHQ'
+    config.data.dataset = "CelebAHQ"
     config.data.image_size = 256
     config.model.sigma_max = 348
     config.model.num_scales = 2000

@@ -7,6 +7,6 @@ from configs.default_cifar10_configs import get_default_configs as get_cifar10_d
 
 def get_default_configs() -> ml_collections.ConfigDict:
     config = get_cifar10_defaults()
-    config.data.dataset = 'STL10'
+    config.data.dataset = "STL10"
     config.data.image_size = 48
     return config

@@ -11,7 +11,7 @@ from configs.model_presets import set_ddpmpp
 def get_config():
     config = set_ddpmpp(get_default_configs())
     data = config.data
-    data.dataset = 'SHAPES'
+    data.dataset = "SHAPES"
     data.image_size = 16
     data.num_channels = 3
     data.centered = True
@@ -25,7 +25,7 @@ def get_config():
     model.ema_rate = 0.999
 
     training = config.training
-    training.sde = 'vpsde'
+    training.sde = "vpsde"
     training.reduce_mean = True
     training.st = True  # Soft Truncation: a random truncation time tau ~ 1/tau on [eps, 1] per step
     training.k = 1.0
@@ -42,7 +42,7 @@ def get_config():
     optim.warmup = 100
 
     sampling = config.sampling
-    sampling.method = 'dpm_solver'  # fast deterministic sampler, 35 network evaluations
+    sampling.method = "dpm_solver"  # fast deterministic sampler, 35 network evaluations
     sampling.nfe = 35
     sampling.dpm_solver_order = 2
     sampling.batch_size = 64

@@ -10,11 +10,11 @@ import ml_collections
 def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """DDPM++ (continuous): positional time embedding, noise-predicting output, no FIR, no progressive paths."""
     model = config.model
-    model.name = 'ncsnpp'
+    model.name = "ncsnpp"
     model.scale_by_sigma = False
     model.ema_rate = 0.9999
-    model.normalization = 'GroupNorm'
-    model.nonlinearity = 'swish'
+    model.normalization = "GroupNorm"
+    model.nonlinearity = "swish"
     model.nf = 128
     model.ch_mult = (1, 2, 2, 2)
     model.num_res_blocks = 4
@@ -24,13 +24,13 @@ def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model.fir = False
     model.fir_kernel = [1, 3, 3, 1]
     model.skip_rescale = True
-    model.resblock_type = 'biggan'
-    model.progressive = 'none'
-    model.progressive_input = 'none'
-    model.progressive_combine = 'sum'
-    model.attention_type = 'ddpm'
+    model.resblock_type = "biggan"
+    model.progressive = "none"
+    model.progressive_input = "none"
+    model.progressive_combine = "sum"
+    model.attention_type = "ddpm"
     model.init_scale = 0.0
-    model.embedding_type = 'positional'
+    model.embedding_type = "positional"
     model.fourier_scale = 16
     model.conv_size = 3
     # Soft Truncation network options (defaults reproduce the score_sde layout)
@@ -49,7 +49,7 @@ def set_ncsnpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model.scale_by_sigma = True
     model.ema_rate = 0.999
     model.fir = True
-    model.progressive_input = 'residual'
-    model.embedding_type = 'fourier'
+    model.progressive_input = "residual"
+    model.embedding_type = "fourier"
     config.data.centered = False
     return config

@@ -17,7 +17,7 @@ def vp_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collect
     config = get_defaults()
     set_ddpmpp(config)
     training = config.training
-    training.sde = 'vpsde'
+    training.sde = "vpsde"
     training.continuous = True
     training.reduce_mean = True
     training.n_iters = 13000001
@@ -28,9 +28,10 @@ def vp_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collect
     training.k = 1.0
     training.truncation_time = 1e-5
     training.importance_sampling = True
-    config.sampling.method = 'ode'
-    config.sampling.predictor = 'euler_maruyama'
-    config.sampling.corrector = 'none'
+    training.loss_convention = "soft_truncation"  # 0.5 * Z * reduce(...), as the ST repository
+    config.sampling.method = "ode"
+    config.sampling.predictor = "euler_maruyama"
+    config.sampling.corrector = "none"
     config.sampling.truncation_time = 1e-5
     config.sampling.batch_size = 1024
     config.eval.batch_size = 200
@@ -46,13 +47,13 @@ def ve_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collect
     config = vp_base(get_defaults)
     set_ncsnpp(config)
     training = config.training
-    training.sde = 'vesde'
+    training.sde = "vesde"
     training.reduce_mean = False
     training.importance_sampling = False
     training.k = 2.0
-    config.sampling.method = 'pc'
-    config.sampling.predictor = 'reverse_diffusion'
-    config.sampling.corrector = 'langevin'
+    config.sampling.method = "pc"
+    config.sampling.predictor = "reverse_diffusion"
+    config.sampling.corrector = "langevin"
     return config
 
 
@@ -62,7 +63,7 @@ def unbounded_ve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     To evaluate a checkpoint released by the Soft Truncation repository exactly as it was trained (its embedding
     transform was dead code there), pass --config.training.unbounded_parametrization=False.
     """
-    config.training.sde = 'rvesde'
+    config.training.sde = "rvesde"
     config.training.unbounded_parametrization = True
     config.model.sigma_min = 0.001
     return config
@@ -77,4 +78,20 @@ def celeba_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     training.snapshot_sampling = True
     config.sampling.batch_size = 512
     config.eval.batch_size = 1024
+    return config
+
+
+def deepest_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ST repository's "deepest" DDPM++: nf 512, ch_mult (1, 1, 1), 8 blocks, FIR, dropout 0.2, a 128-wide
+    time embedding (lsgm), mixed mode, PC sampler."""
+    model = config.model
+    model.nf = 512
+    model.ch_mult = (1, 1, 1)
+    model.num_res_blocks = 8
+    model.fir = True
+    model.dropout = 0.2
+    model.embedding_dim = 128
+    model.lsgm = True
+    config.training.mixed = True
+    config.sampling.method = "pc"
     return config

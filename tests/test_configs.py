@@ -9,68 +9,72 @@ import pytest
 import torch
 from conftest import REFERENCE_DIR
 
-ST_CONFIGS = json.load(open(os.path.join(REFERENCE_DIR, 'soft_truncation_configs.json')))
-LAYOUTS = json.load(open(os.path.join(REFERENCE_DIR, 'state_dict_layouts.json')))
+ST_CONFIGS = json.load(open(os.path.join(REFERENCE_DIR, "soft_truncation_configs.json")))
+LAYOUTS = json.load(open(os.path.join(REFERENCE_DIR, "state_dict_layouts.json")))
 
 # Legacy files of the Soft Truncation repository that its own code rejects (training.sde = 'rve-sde'); not carried.
-LEGACY = {name for name, cfg in ST_CONFIGS.items() if cfg['training'].get('sde') == 'rve-sde'}
+LEGACY = {name for name, cfg in ST_CONFIGS.items() if cfg["training"].get("sde") == "rve-sde"}
 
 # Fields of the original that do nothing in this code base (its TFRecord paths, flags its code never reads, or
 # fields replaced by score_sde's own): documented in the README, section "Configs".
 NOT_CARRIED = {
-    'data.dequantization',  # -> data.uniform_dequantization (score_sde's field)
-    'data.tfrecords_path',  # data are read from local files (data.root)
-    'eval.lambda_',
-    'eval.nelbo_iter',
-    'eval.nll_iter',
-    'eval.num_test_data',
-    'training.num_train_data',
-    'training.reconstruction_loss',
-    'training.whatever_sampling',
-    'training.ddpm_score',
-    'training.eta',  # = model.sigma_min of the reciprocal VE SDE
-    'training.model_mode',
-    'model.fourier_feature',
-    'model.sigma_begin',
-    'sampling.sample_more',
-    'eval.probability_flow',
-    'eval.residual',
-    'eval.enable_bpd',
-    'eval.begin_ckpt',
-    'eval.end_ckpt',
-    'eval.enable_sampling',
-    'eval.batch_size',
-    'sampling.batch_size',
-    'sampling.noise_removal',
-    'optim.amsgrad',
+    "data.dequantization",  # -> data.uniform_dequantization (score_sde's field)
+    "data.tfrecords_path",  # data are read from local files (data.root)
+    "eval.lambda_",
+    "eval.nelbo_iter",
+    "eval.nll_iter",
+    "eval.num_test_data",
+    "training.num_train_data",
+    "training.reconstruction_loss",
+    "training.whatever_sampling",
+    "training.ddpm_score",
+    "training.eta",  # = model.sigma_min of the reciprocal VE SDE
+    "training.model_mode",
+    "model.fourier_feature",
+    "model.sigma_begin",
+    "sampling.sample_more",
+    "eval.probability_flow",
+    "eval.residual",
+    "eval.enable_bpd",
+    "eval.begin_ckpt",
+    "eval.end_ckpt",
+    "eval.enable_sampling",
+    "eval.batch_size",
+    "sampling.batch_size",
+    "sampling.noise_removal",
+    "optim.amsgrad",
 }
 
 # Deliberate differences, each explained in the config file that makes it.
 DELIBERATE = {
     # VE/RVE files set no k and the original never applied ST to VE/RVE; here k = 2 (paper's value)
-    ('configs/ve/CIFAR10/uncsnpp_st.py', 'training.k'),
-    ('configs/ve/CIFAR10/ncsnpp_st.py', 'training.k'),
-    ('configs/ve/CELEBA/uncsnpp_st.py', 'training.k'),
+    ("configs/ve/CIFAR10/uncsnpp_st.py", "training.k"),
+    ("configs/ve/CIFAR10/ncsnpp_st.py", "training.k"),
+    ("configs/ve/CELEBA/uncsnpp_st.py", "training.k"),
     # the CelebA-HQ "RVE" file trains the VE SDE in the original
-    ('configs/ve/celebahq/uncsnpp_st.py', 'training.sde'),
+    ("configs/ve/celebahq/uncsnpp_st.py", "training.sde"),
     # this project's name for the reciprocal VE SDE ('reciprocal_vesde' is accepted as an alias)
-    ('configs/ve/CIFAR10/uncsnpp_st.py', 'training.sde'),
-    ('configs/ve/CELEBA/uncsnpp_st.py', 'training.sde'),
+    ("configs/ve/CIFAR10/uncsnpp_st.py", "training.sde"),
+    ("configs/ve/CELEBA/uncsnpp_st.py", "training.sde"),
 }
 # 'U' networks: the unbounded parametrisation the file name promises (dead code in the original VE files)
-UNBOUNDED_VE = {'configs/ve/CIFAR10/uncsnpp_st.py', 'configs/ve/CELEBA/uncsnpp_st.py', 'configs/ve/celebahq/uncsnpp_st.py'}
+UNBOUNDED_VE = {
+    "configs/ve/CIFAR10/uncsnpp_st.py",
+    "configs/ve/CELEBA/uncsnpp_st.py",
+    "configs/ve/celebahq/uncsnpp_st.py",
+}
 
 
 def load_config(path: str):
-    module = importlib.import_module(path[: -len('.py')].replace('/', '.'))
+    module = importlib.import_module(path[: -len(".py")].replace("/", "."))
     return module.get_config()
 
 
-def flatten(cfg: dict, prefix: str = '') -> dict:
+def flatten(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in cfg.items():
         if isinstance(value, dict):
-            out.update(flatten(value, prefix + key + '.'))
+            out.update(flatten(value, prefix + key + "."))
         else:
             out[prefix + key] = value
     return out
@@ -84,59 +88,63 @@ def same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize('path', sorted(set(ST_CONFIGS) - LEGACY))
+@pytest.mark.parametrize("path", sorted(set(ST_CONFIGS) - LEGACY))
 def test_soft_truncation_config_matches_original(path):
     ours = flatten(load_config(path).to_dict())
     theirs = flatten(ST_CONFIGS[path])
     mismatches = []
     for field, value in theirs.items():
-        if field in NOT_CARRIED or (path, field) in DELIBERATE or field.startswith('uncsn.'):
+        if field in NOT_CARRIED or (path, field) in DELIBERATE or field.startswith("uncsn."):
             continue
-        if field == 'training.unbounded_parametrization' and path in UNBOUNDED_VE:
+        if field == "training.unbounded_parametrization" and path in UNBOUNDED_VE:
             assert ours[field] is True
             continue
         if field not in ours:
-            mismatches.append(f'{field}: missing (original {value!r})')
+            mismatches.append(f"{field}: missing (original {value!r})")
         elif not same(ours[field], value):
-            mismatches.append(f'{field}: ours {ours[field]!r} vs original {value!r}')
-    assert not mismatches, '\n'.join(mismatches)
+            mismatches.append(f"{field}: ours {ours[field]!r} vs original {value!r}")
+    assert not mismatches, "\n".join(mismatches)
 
 
 def test_deliberate_differences_hold():
-    assert load_config('configs/ve/celebahq/uncsnpp_st.py').training.sde == 'rvesde'
-    for path in ('configs/ve/CIFAR10/uncsnpp_st.py', 'configs/ve/CELEBA/uncsnpp_st.py'):
+    assert load_config("configs/ve/celebahq/uncsnpp_st.py").training.sde == "rvesde"
+    for path in ("configs/ve/CIFAR10/uncsnpp_st.py", "configs/ve/CELEBA/uncsnpp_st.py"):
         config = load_config(path)
-        assert config.training.sde == 'rvesde' and config.training.k == 2.0 and config.training.st
+        assert config.training.sde == "rvesde" and config.training.k == 2.0 and config.training.st
 
 
-@pytest.mark.parametrize('name', sorted(LAYOUTS))
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_configs_match(name):
-    project, path = name.split(':')
+    project, path = name.split(":")
     ours = load_config(path)
-    reference = LAYOUTS[name]['config']
-    for section in ('data', 'model', 'training'):
+    reference = LAYOUTS[name]["config"]
+    for section in ("data", "model", "training"):
         for field, value in flatten(reference[section]).items():
-            if f'{section}.{field}' in NOT_CARRIED:
+            if f"{section}.{field}" in NOT_CARRIED:
                 continue
-            if section == 'training' and field in ('sde', 'unbounded_parametrization') and path in UNBOUNDED_VE:
+            if (
+                section == "training"
+                and field in ("sde", "unbounded_parametrization")
+                and path in UNBOUNDED_VE
+            ):
                 continue
-            if section == 'training' and field == 'sde' and value == 'reciprocal_vesde':
-                assert ours.training.sde == 'rvesde'
+            if section == "training" and field == "sde" and value == "reciprocal_vesde":
+                assert ours.training.sde == "rvesde"
                 continue
             got = ours[section][field]
-            assert same(got, value), f'{name}: {section}.{field} ours {got!r} vs original {value!r}'
+            assert same(got, value), f"{name}: {section}.{field} ours {got!r} vs original {value!r}"
 
 
 def test_readme_commands_configs_exist():
     for path in (
-        'configs/vp/CIFAR10/ddpmpp_nll_st.py',
-        'configs/vp/CIFAR10/ddpmpp_fid_st_deepest.py',
-        'configs/ve/CIFAR10/uncsnpp_st.py',
-        'configs/vp/CELEBA/ddpmpp_nll_st.py',
-        'configs/vp/CELEBA/ddpmpp_fid_st.py',
-        'configs/ve/CELEBA/uncsnpp_st.py',
-        'configs/vp/IMAGENET32/ddpmpp_st.py',
-        'configs/ve/celebahq/uncsnpp_st.py',
+        "configs/vp/CIFAR10/ddpmpp_nll_st.py",
+        "configs/vp/CIFAR10/ddpmpp_fid_st_deepest.py",
+        "configs/ve/CIFAR10/uncsnpp_st.py",
+        "configs/vp/CELEBA/ddpmpp_nll_st.py",
+        "configs/vp/CELEBA/ddpmpp_fid_st.py",
+        "configs/ve/CELEBA/uncsnpp_st.py",
+        "configs/vp/IMAGENET32/ddpmpp_st.py",
+        "configs/ve/celebahq/uncsnpp_st.py",
     ):
         config = load_config(path)
         assert isinstance(config.device, torch.device)

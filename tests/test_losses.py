@@ -325,3 +325,43 @@ def test_soft_score_matching_loss_vanishes_for_the_true_clean_image():
     s = blur.noise_std(t)
     direct = 0.5 * torch.sum(blur.blur_at(offset.expand(4, -1, -1, -1), t).reshape(4, -1) ** 2, -1) / s**2
     torch.testing.assert_close(ours, direct, rtol=2e-3, atol=0)
+
+
+def test_soft_truncation_repository_convention(patch_score):
+    """ST configs compute 0.5 * Z_tau * mean(||std s + z||^2) with t ~ g^2/sigma^2 on [tau, T], as the ST repo."""
+    from configs.vp.CIFAR10 import ddpmpp_nll_st
+
+    config = ddpmpp_nll_st.get_config()
+    sde = sde_lib.get_sde(config)[0]
+    model_score = shrink_score(sde, lambda t: 0.2 + 0 * t)
+    patch_score(model_score)
+
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+    model = Frozen()
+    captured = {}
+
+    def optimize(optimizer, params, step):
+        captured["called"] = True
+
+    state = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), ema=None, step=0)
+    step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize)
+    batch = torch.randn(4, 3, 4, 4)
+    # the patched score does not depend on the parameter: give it a gradient path
+    patch_score(lambda x, t: model_score(x, t) + 0 * model.w)
+    state["ema"] = type("E", (), {"update": lambda self, p: None})()
+    torch.manual_seed(11)
+    loss = step_fn(state, batch)
+    torch.manual_seed(11)
+    tau = float(sde_lib.sample_truncation_time(1.0, 1e-5))
+    t = sde.sample_importance_t(4, tau)
+    z = torch.randn_like(batch)
+    mean, std = sde.marginal_prob(batch, t)
+    x_t = mean + std[:, None, None, None] * z
+    residual = model_score(x_t, t) * std[:, None, None, None] + z
+    expected = torch.mean(0.5 * sde.importance_normalizer(tau) * torch.mean(residual.reshape(4, -1) ** 2, -1))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert captured["called"]

@@ -236,7 +236,7 @@ def eval_config(workdir, tmp_path, inception_path):
     return config
 
 
-def test_evaluate_writes_all_metrics_and_resumes(tmp_path, inception_weights, monkeypatch):
+def test_evaluate_writes_all_metrics_and_resumes(tmp_path, inception_weights, monkeypatch):  # noqa: F811
     import json
 
     import evaluation
@@ -308,7 +308,9 @@ def test_stf_training_resumes_exactly(tmp_path):
 def test_blur_corruption_trains_and_samples_from_the_checkpoint_alone(tmp_path):
     from corruption import default_blur_config
 
-    config = tiny_config(n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3)
+    config = tiny_config(
+        n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3
+    )
     config.blur = default_blur_config()
     config.blur.sigma_max = 4.0
     config.blur.num_steps = 4

@@ -6,9 +6,9 @@ from configs.model_presets import set_ncsnpp
 
 def get_config():
     config = set_ncsnpp(get_default_configs())
-    config.training.sde = 'vesde'
+    config.training.sde = "vesde"
     config.training.continuous = True
-    config.sampling.method = 'pc'
-    config.sampling.predictor = 'reverse_diffusion'
-    config.sampling.corrector = 'langevin'
+    config.sampling.method = "pc"
+    config.sampling.predictor = "reverse_diffusion"
+    config.sampling.corrector = "langevin"
     return config

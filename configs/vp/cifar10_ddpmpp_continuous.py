@@ -6,7 +6,7 @@ from configs.model_presets import set_ddpmpp
 
 def get_config():
     config = set_ddpmpp(get_default_configs())
-    config.training.sde = 'vpsde'
+    config.training.sde = "vpsde"
     config.training.continuous = True
     config.training.reduce_mean = True
     return config

@@ -19,8 +19,8 @@ def get_config():
     model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
     model.num_res_blocks = 2
     model.dropout = 0.0
-    model.progressive = 'output_skip'
-    model.progressive_input = 'input_skip'
+    model.progressive = "output_skip"
+    model.progressive_input = "input_skip"
     training = config.training
     training.batch_size = 64
     training.n_iters = 24000001

@@ -9,6 +9,6 @@ def get_config():
     training = config.training
     training.st = True
     training.importance_sampling = False
-    config.sampling.method = 'pc'
+    config.sampling.method = "pc"
     celeba_schedule(config)
     return config

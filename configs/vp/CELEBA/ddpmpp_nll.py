@@ -10,6 +10,6 @@ def get_config():
     training.st = False
     training.importance_sampling = True
     training.likelihood_weighting = True
-    config.sampling.method = 'pc'
+    config.sampling.method = "pc"
     celeba_schedule(config)
     return config
