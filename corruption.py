@@ -60,9 +60,7 @@ def default_blur_config() -> ml_collections.ConfigDict:
 _DCT_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def dct_matrix(
-    n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def dct_matrix(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Orthonormal DCT-II matrix D[k, i] = c_k cos(pi (i + 1/2) k / n), c_0 = sqrt(1/n), c_k = sqrt(2/n)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = (n, device, dtype)
@@ -149,9 +147,7 @@ def interp_log_schedule(t: torch.Tensor, grid_t: torch.Tensor, grid_sigma: torch
 def load_schedule_file(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a schedule file of tools/blur_schedule.py (json {'t': [...], 'sigma': [...]}) -> (t, sigma)."""
     if not path:
-        raise ValueError(
-            "config.blur.schedule = 'file' needs config.blur.schedule_file (run tools/blur_schedule.py)"
-        )
+        raise ValueError("config.blur.schedule = 'file' needs config.blur.schedule_file (run tools/blur_schedule.py)")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"blur schedule file {path!r} not found: write it with "
@@ -178,11 +174,7 @@ def validate_schedule(grid_t: torch.Tensor, grid_sigma: torch.Tensor, source: st
         raise ValueError(f"{source}: t and sigma must be 1-D lists of the same length >= 2")
     if not (torch.isfinite(grid_t).all() and torch.isfinite(grid_sigma).all()):
         raise ValueError(f"{source}: t and sigma must be finite")
-    if (
-        not (torch.diff(grid_t) > 0).all()
-        or abs(grid_t[0].item()) > 1e-9
-        or abs(grid_t[-1].item() - 1) > 1e-9
-    ):
+    if not (torch.diff(grid_t) > 0).all() or abs(grid_t[0].item()) > 1e-9 or abs(grid_t[-1].item() - 1) > 1e-9:
         raise ValueError(f"{source}: t must increase strictly from 0 to 1")
     if not (grid_sigma > 0).all():
         raise ValueError(f"{source}: blur levels sigma must be > 0")
@@ -244,13 +236,10 @@ class BlurCorruption:
         if schedule not in BLUR_SCHEDULES:
             raise ValueError(f"unknown config.blur.schedule {schedule!r}: use one of {BLUR_SCHEDULES}")
         if noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(
-                f"unknown config.blur.noise_schedule {noise_schedule!r}: use one of {NOISE_SCHEDULES}"
-            )
+            raise ValueError(f"unknown config.blur.noise_schedule {noise_schedule!r}: use one of {NOISE_SCHEDULES}")
         if schedule != "file" and not 0 < sigma_min <= sigma_max:
             raise ValueError(
-                f"config.blur needs 0 < sigma_min <= sigma_max (got {sigma_min}, {sigma_max}); "
-                "sigma_B is in pixels"
+                f"config.blur needs 0 < sigma_min <= sigma_max (got {sigma_min}, {sigma_max}); sigma_B is in pixels"
             )
         if not 0 < noise_min <= noise_max:
             raise ValueError(
@@ -352,9 +341,7 @@ class BlurCorruption:
                 break
             images = batch["image"] if isinstance(batch, Mapping) else batch
             if not isinstance(images, torch.Tensor) or images.dim() != 4:
-                raise ValueError(
-                    'fit_prior expects images as tensors [B, C, H, W] (or dicts with key "image")'
-                )
+                raise ValueError('fit_prior expects images as tensors [B, C, H, W] (or dicts with key "image")')
             if scaler is not None:
                 images = scaler(images)
             x = images.to(torch.float64)
@@ -370,9 +357,7 @@ class BlurCorruption:
             sum2 += (coeffs**2).sum(0)
             total += coeffs.shape[0]
         if total < 2:
-            raise ValueError(
-                "fit_prior needs at least 2 images (check config.blur.prior_fit_batches and the dataset)"
-            )
+            raise ValueError("fit_prior needs at least 2 images (check config.blur.prior_fit_batches and the dataset)")
         mean = sum1 / total
         var = (sum2 / total - mean**2).clamp_min(0) * total / (total - 1)
         s_T = self.noise_std(torch.tensor([self.T], dtype=torch.float64))[0]
@@ -434,14 +419,10 @@ class BlurCorruption:
         """Restore the fitted prior (and a stored 'file' schedule, which then replaces the schedule file)."""
         missing = [k for k in ("prior_mean", "prior_var") if k not in state]
         if missing:
-            raise KeyError(
-                f"corruption state is missing {missing}: the checkpoint was not written by a blur run"
-            )
+            raise KeyError(f"corruption state is missing {missing}: the checkpoint was not written by a blur run")
         mean, var = state["prior_mean"], state["prior_var"]
         if mean.dim() != 3 or mean.shape != var.shape:
-            raise ValueError(
-                f"corruption state: prior_mean {tuple(mean.shape)} / prior_var {tuple(var.shape)} bad"
-            )
+            raise ValueError(f"corruption state: prior_mean {tuple(mean.shape)} / prior_var {tuple(var.shape)} bad")
         if not (var > 0).all():
             raise ValueError("corruption state: prior_var must be positive")
         self.prior_mean = mean.to(torch.float32).clone()

@@ -132,9 +132,7 @@ def get_data_inverse_scaler(config) -> Callable[[torch.Tensor], torch.Tensor]:
 # Pure image operations
 
 
-def to_float(
-    images: torch.Tensor, dequantize: bool = False, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def to_float(images: torch.Tensor, dequantize: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 k -> float32 k / 255, or (k + u) / 256 with u ~ U[0, 1) when dequantize (score_sde's formula)."""
     x = images.float()
     if dequantize:
@@ -192,9 +190,7 @@ class ImageDataset(Dataset, abc.ABC):
     random_flip / uniform_dequantization are the augmentation of this split (set by get_dataset).
     """
 
-    def __init__(
-        self, image_size: int, random_flip: bool = False, uniform_dequantization: bool = False
-    ) -> None:
+    def __init__(self, image_size: int, random_flip: bool = False, uniform_dequantization: bool = False) -> None:
         self.image_size = int(image_size)
         self.random_flip = bool(random_flip)
         self.uniform_dequantization = bool(uniform_dequantization)
@@ -209,9 +205,7 @@ class ImageDataset(Dataset, abc.ABC):
 
     def _indices(self, indices) -> np.ndarray:
         """Validate and normalise indices (list, array or tensor; negative ones count from the end)."""
-        idx = np.asarray(
-            indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64
-        ).reshape(-1)
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"index out of range for a dataset of {n} images")
@@ -249,9 +243,7 @@ class ImageDataset(Dataset, abc.ABC):
             labels = torch.as_tensor([int(item[1]) for item in data], dtype=torch.int64)
         return {"image": self.convert(images), "label": labels}
 
-    def get_batch(
-        self, indices, augment: bool = True, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def get_batch(self, indices, augment: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """float32 images [n, C, H, W] in [0, 1], augmented like this split's loader when augment."""
         images, _ = self._fetch(indices)
         return self.convert(images, augment=augment, generator=generator)
@@ -332,9 +324,7 @@ class FileImageDataset(ImageDataset):
             with Image.open(path) as img:
                 array = np.asarray(img.convert("RGB"))
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"image file {path} is missing (listed in the dataset, not on disk)"
-            ) from None
+            raise FileNotFoundError(f"image file {path} is missing (listed in the dataset, not on disk)") from None
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot decode image file {path} ({err}); replace the corrupt file") from None
         image = torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -450,9 +440,7 @@ def _read_cifar10(root: str):
             raise ValueError(f"{archive} is not a readable tar.gz archive ({err}); re-download it.") from None
         if len(raw) != len(names):
             missing = sorted(set(names) - set(raw))
-            raise ValueError(
-                f"{archive} lacks the CIFAR-10 batches {missing}; re-download the {_SOURCES['CIFAR10']}."
-            )
+            raise ValueError(f"{archive} lacks the CIFAR-10 batches {missing}; re-download the {_SOURCES['CIFAR10']}.")
     else:
         present = [n for n in names if os.path.isfile(os.path.join(folder, n))]
         detail = f" (found only {present})" if present else ""
@@ -500,9 +488,7 @@ def _read_celeba(root: str):
     if not splits[0] or not splits[1]:
         raise ValueError(f"{path} lists no training (0) or no validation (1) images; re-download it.")
     if not os.path.isfile(splits[0][0]):
-        raise _missing(
-            "CELEBA", root, f"img_align_celeba/{os.path.basename(splits[0][0])} (listed in {path})"
-        )
+        raise _missing("CELEBA", root, f"img_align_celeba/{os.path.basename(splits[0][0])} (listed in {path})")
     return splits[0], splits[1]
 
 
@@ -546,9 +532,7 @@ def _npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
             f"{data.shape} and {len(labels)} labels"
         )
     if labels.size and (labels.min() < 1 or labels.max() > 1000):
-        raise ValueError(
-            f"{path}: labels must be 1-based in 1..1000, got range [{labels.min()}, {labels.max()}]"
-        )
+        raise ValueError(f"{path}: labels must be 1-based in 1..1000, got range [{labels.min()}, {labels.max()}]")
     return data.reshape(-1, 3, 32, 32), labels - 1
 
 
@@ -570,19 +554,11 @@ def _uint8_cache(folder: str, name: str, stamps: list, total: int, chunks):
     images_path = os.path.join(folder, f".{name}_cache_images.npy")
     labels_path = os.path.join(folder, f".{name}_cache_labels.npy")
     newest = max(os.path.getmtime(p) for p in stamps)
-    if (
-        os.path.isfile(images_path)
-        and os.path.isfile(labels_path)
-        and os.path.getmtime(images_path) >= newest
-    ):
+    if os.path.isfile(images_path) and os.path.isfile(labels_path) and os.path.getmtime(images_path) >= newest:
         try:
             labels = np.load(labels_path, allow_pickle=False)
             images = _Memmap(images_path)
-            if (
-                images.array.shape == (total, 3, 32, 32)
-                and images.array.dtype == np.uint8
-                and len(labels) == total
-            ):
+            if images.array.shape == (total, 3, 32, 32) and images.array.dtype == np.uint8 and len(labels) == total:
                 return images, labels
         except (ValueError, OSError):
             pass  # unreadable cache: rebuild it
@@ -591,9 +567,7 @@ def _uint8_cache(folder: str, name: str, stamps: list, total: int, chunks):
     try:
         images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(total, 3, 32, 32))
     except OSError as err:
-        logging.warning(
-            "IMAGENET32: cannot write the uint8 cache in %s (%s); keeping the data in memory", folder, err
-        )
+        logging.warning("IMAGENET32: cannot write the uint8 cache in %s (%s); keeping the data in memory", folder, err)
         tmp_images = None
         images = np.empty((total, 3, 32, 32), dtype=np.uint8)
     labels = np.empty(total, dtype=np.int64)
@@ -649,9 +623,7 @@ def _read_imagenet32(root: str):
         for folder, name in zip(png_dirs, ("train", "valid")):
             paths, chunks = _png_folder(folder)
             if not paths:
-                raise _missing(
-                    "IMAGENET32", root, f"32x32 png images in {os.path.relpath(folder, root)}/ (none found)"
-                )
+                raise _missing("IMAGENET32", root, f"32x32 png images in {os.path.relpath(folder, root)}/ (none found)")
             out.append(_uint8_cache(folder, name, [folder], len(paths), chunks))
         return tuple(out)
     missing = [f for f in files + [val_path] if not os.path.isfile(f)]
@@ -781,9 +753,7 @@ def make_shapes(
         sl = slice(start, min(start + chunk, n))
         img = np.broadcast_to(background, (sl.stop - sl.start, 3, size, size)).copy()
         for present, kind, cx, cy, r, color in layers:
-            cover = (
-                shape_coverage(kind[sl], cx[sl], cy[sl], r[sl], size)[:, None] * present[sl, None, None, None]
-            )
+            cover = shape_coverage(kind[sl], cx[sl], cy[sl], r[sl], size)[:, None] * present[sl, None, None, None]
             img = img * (1 - cover) + color[sl, :, None, None] * cover
         images[sl] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     return images, layers[0][1].astype(np.int64)
@@ -807,9 +777,7 @@ def _dequantization(config, uniform_dequantization: bool) -> bool:
     mode = config.data.get("dequantization", "none")
     if mode not in ("none", "uniform"):
         raise ValueError(f"config.data.dequantization must be 'none' or 'uniform', got {mode!r}")
-    return bool(
-        uniform_dequantization or config.data.get("uniform_dequantization", False) or mode == "uniform"
-    )
+    return bool(uniform_dequantization or config.data.get("uniform_dequantization", False) or mode == "uniform")
 
 
 def _check_config(config) -> str:
@@ -834,9 +802,7 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
     def arrays(source, which, **kw):
         images, labels = source
         arrays_ = images if isinstance(images, list) else [images]
-        return ArrayImageDataset(
-            arrays_, labels, size, random_flip=which, uniform_dequantization=dequantize, **kw
-        )
+        return ArrayImageDataset(arrays_, labels, size, random_flip=which, uniform_dequantization=dequantize, **kw)
 
     if name == "SHAPES":
         seed = int(config.data.get("shapes_seed", 0))

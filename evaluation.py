@@ -134,17 +134,13 @@ def to_uint8_nchw(images) -> torch.Tensor:
     """uint8 [B, 3, H, W] from uint8 NCHW/NHWC or float [0, 1] NCHW images (1 channel repeated to 3)."""
     x = torch.as_tensor(images)
     if x.ndim != 4:
-        raise ValueError(
-            f"Expected a batch of images [B, C, H, W] or [B, H, W, C]; got shape {tuple(x.shape)}."
-        )
+        raise ValueError(f"Expected a batch of images [B, C, H, W] or [B, H, W, C]; got shape {tuple(x.shape)}.")
     if x.dtype == torch.uint8:
         if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
             x = x.permute(0, 3, 1, 2)
     elif torch.is_floating_point(x):
         if x.shape[1] not in (1, 3):
-            raise ValueError(
-                f"Float images must be NCHW with 1 or 3 channels in [0, 1]; got {tuple(x.shape)}."
-            )
+            raise ValueError(f"Float images must be NCHW with 1 or 3 channels in [0, 1]; got {tuple(x.shape)}.")
         x = float_to_uint8(x)
     else:
         raise ValueError(f"Images must be uint8 or floating point; got {x.dtype}.")
@@ -201,8 +197,7 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(
-            f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-            f"{sigma2.shape}."
+            f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}."
         )
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1
@@ -438,9 +433,7 @@ def list_sample_files(sample_dir: str) -> list[str]:
     return [os.path.join(sample_dir, name) for _, name in sorted(found)]
 
 
-def compute_features_for_sample_dir(
-    sample_dir: str, inception_model: torch.nn.Module, batch_size: int = 64
-) -> dict:
+def compute_features_for_sample_dir(sample_dir: str, inception_model: torch.nn.Module, batch_size: int = 64) -> dict:
     """Inception features of every samples_{r}.npz, cached as statistics_{r}.npz ('pool_3', 'logits') next to
     it (computed only where missing); returns the concatenated {'pool_3', 'logits'}."""
     files = list_sample_files(sample_dir)
@@ -484,9 +477,7 @@ def metrics_from_sample_dir(
     out["is"], out["is_std"] = inception_score(feats["logits"], splits)
     out["kid"] = out["kid_std"] = None
     if "pool_3" in ref:
-        out["kid"], out["kid_std"] = kernel_inception_distance(
-            pool, ref["pool_3"], kid_subset_size, kid_num_subsets
-        )
+        out["kid"], out["kid_std"] = kernel_inception_distance(pool, ref["pool_3"], kid_subset_size, kid_num_subsets)
     return out
 
 

@@ -85,8 +85,7 @@ def draw_probe(x: torch.Tensor, hutchinson_type: str) -> torch.Tensor | None:
     if hutchinson_type == "exact":
         return None
     raise NotImplementedError(
-        f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES} "
-        "(config.eval.hutchinson_type)."
+        f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES} (config.eval.hutchinson_type)."
     )
 
 
@@ -162,9 +161,7 @@ def _odeint(func: Callable, y0: tuple, t0: float, t1: float, rtol: float, atol: 
         from torchdiffeq import odeint
     except ImportError as err:  # pragma: no cover - torchdiffeq is a project dependency
         raise ImportError("likelihood.py needs torchdiffeq: pip install torchdiffeq") from err
-    solver = {"RK45": "dopri5", "dopri5": "dopri5", "DOP853": "dopri8", "dopri8": "dopri8"}.get(
-        method, method
-    )
+    solver = {"RK45": "dopri5", "dopri5": "dopri5", "DOP853": "dopri8", "dopri8": "dopri8"}.get(method, method)
     ts = torch.tensor([t0, t1], dtype=y0[0].dtype, device=y0[0].device)
     out = odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver)
     return tuple(o[-1] for o in out)
@@ -191,9 +188,7 @@ def ode_likelihood(
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
     if hutchinson_type not in _HUTCHINSON_TYPES:
-        raise NotImplementedError(
-            f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}."
-        )
+        raise NotImplementedError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps={eps} must lie in (0, T={sde.T}).")
     shape, dtype, device = data.shape, data.dtype, data.device
@@ -268,17 +263,13 @@ def get_likelihood_fn(
     likelihood_fn.from_score(score_fn, data) does the same for any score function score_fn(x, t).
     """
     if hutchinson_type not in _HUTCHINSON_TYPES:
-        raise NotImplementedError(
-            f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}."
-        )
+        raise NotImplementedError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
     offset = bpd_offset(inverse_scaler)
 
     def from_score(score_fn: ScoreFn, data: torch.Tensor):
-        out = ode_likelihood(
-            sde, score_fn, data, hutchinson_type, rtol, atol, method, eps, truncation, ode_dtype
-        )
+        out = ode_likelihood(sde, score_fn, data, hutchinson_type, rtol, atol, method, eps, truncation, ode_dtype)
         bpd = nats_to_bpd(out["nll"], data[0].numel(), offset)
         return bpd, out["z"], out["nfe"]
 

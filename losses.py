@@ -50,9 +50,7 @@ def get_optimizer(config, params) -> torch.optim.Optimizer:
             weight_decay=config.optim.weight_decay,
             amsgrad=amsgrad,
         )
-    raise ValueError(
-        f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'."
-    )
+    raise ValueError(f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
 
 
 def optimization_manager(config) -> Callable:
@@ -98,17 +96,13 @@ def sample_time(
     return torch.rand(batch_size, device=device) * (sde.T - tau) + tau, 1.0
 
 
-def resolve_weighting(
-    likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None
-) -> str:
+def resolve_weighting(likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None) -> str:
     """The weighting name implied by score_sde's / the ST repository's flags (or given explicitly)."""
     if weighting:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"training.weighting={weighting!r} is not one of {WEIGHTINGS}.")
         if importance_sampling and weighting != "importance":
-            raise ValueError(
-                "training.importance_sampling=True implies the likelihood weighting; unset weighting."
-            )
+            raise ValueError("training.importance_sampling=True implies the likelihood weighting; unset weighting.")
         return weighting
     if importance_sampling:
         return "importance"
@@ -138,9 +132,7 @@ def stf_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference) 
     import stf
 
     if reference is None:
-        raise ValueError(
-            "training.stf=True needs a reference batch: pass reference= to the loss/step function."
-        )
+        raise ValueError("training.stf=True needs a reference batch: pass reference= to the loss/step function.")
     return stf.stf_noise_target(x_t, alpha, std, reference)
 
 
@@ -198,9 +190,7 @@ def get_sde_loss_fn(
     **kwargs,
 ) -> Callable:
     """score_sde's loss_fn(model, batch) -> scalar mean loss; new keywords as in get_per_sample_loss_fn."""
-    per_sample = get_per_sample_loss_fn(
-        sde, train, reduce_mean, continuous, likelihood_weighting, eps, **kwargs
-    )
+    per_sample = get_per_sample_loss_fn(sde, train, reduce_mean, continuous, likelihood_weighting, eps, **kwargs)
 
     def loss_fn(model, batch, tau=None, reference=None):
         return torch.mean(per_sample(model, batch, tau=tau, reference=reference))
@@ -287,9 +277,7 @@ def get_step_fn(
     unchanged and state['nonfinite'] is set to True.
     """
     if continuous:
-        common = dict(
-            train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor
-        )
+        common = dict(train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor)
         main_loss = get_per_sample_loss_fn(
             sde,
             likelihood_weighting=likelihood_weighting,
@@ -300,9 +288,7 @@ def get_step_fn(
         # mixed mode: half of each batch importance-sampled likelihood weighting, half uniform time
         is_loss = get_per_sample_loss_fn(sde, importance_sampling=True, **common) if mixed else None
         uniform_loss = (
-            get_per_sample_loss_fn(
-                sde, likelihood_weighting=likelihood_weighting, weighting=weighting, **common
-            )
+            get_per_sample_loss_fn(sde, likelihood_weighting=likelihood_weighting, weighting=weighting, **common)
             if mixed
             else None
         )
@@ -353,9 +339,7 @@ def get_step_fn(
         tau = sample_tau(st, k, eps, sde.T)
         chunks = torch.tensor_split(batch, num_micro_batch)
         if any(c.shape[0] == 0 for c in chunks):
-            raise ValueError(
-                f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches."
-            )
+            raise ValueError(f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.")
         total = torch.zeros((), device=batch.device)
         for chunk in chunks:
             loss = torch.mean(batch_losses(model, chunk, tau, reference))

@@ -42,17 +42,13 @@ def validate_config(config) -> None:
     if corruption == "gaussian":
         sde_lib.get_sde(config)  # raises on an unknown training.sde
     if model.name not in mutils._MODELS:
-        raise ValueError(
-            f"model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}."
-        )
+        raise ValueError(f"model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}.")
     eps = float(training.get("truncation_time", 1e-5))
     if not 0.0 < eps < 1.0:
         raise ValueError(f"training.truncation_time={eps} must lie in (0, T) = (0, 1).")
     k = float(training.get("k", 1.0))
     if training.get("st", False) and (math.isnan(k) or k < 0):
-        raise ValueError(
-            f"training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps)."
-        )
+        raise ValueError(f"training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps).")
     ch_mult = model.get("ch_mult", None)
     if ch_mult is not None:
         factor = 2 ** (len(ch_mult) - 1)
@@ -107,9 +103,7 @@ class PositionBatchSampler(torch.utils.data.Sampler):
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, int(seed), int(start)
         self.batches_per_epoch = num_items // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"The training set has {num_items} images, fewer than training.batch_size={batch_size}."
-            )
+            raise ValueError(f"The training set has {num_items} images, fewer than training.batch_size={batch_size}.")
 
     def indices(self, position: int) -> list:
         epoch, i = divmod(position, self.batches_per_epoch)
@@ -131,9 +125,7 @@ class TrainStream:
     PositionBatchSampler; the random flip of batch p is drawn from a generator seeded by (seed, p).
     """
 
-    def __init__(
-        self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0, num_workers=0
-    ):
+    def __init__(self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0, num_workers=0):
         self.seed, self.random_flip, self.position = int(seed), random_flip, int(position)
         sampler = PositionBatchSampler(len(dataset), batch_size, seed, start=position)
         loader = torch.utils.data.DataLoader(
@@ -218,9 +210,7 @@ def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str)
     _save_grid(sample, folder)
 
 
-def _reference_batch(
-    ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None
-) -> torch.Tensor | None:
+def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None) -> torch.Tensor | None:
     """STF reference batch: the step's own sources first, then extra training images (scaled like the batch).
 
     With `seed` (the training step's position) the extra draws depend only on it, so a resumed run draws the same
@@ -307,6 +297,7 @@ def train(config, workdir: str) -> dict:
     max_nonfinite = int(training.get("max_nonfinite_steps", 10))
     nonfinite_run = 0
     dequantize = bool(config.data.get("uniform_dequantization", False))
+    logging.info("Config:\n%s", config)
     logging.info("Starting training loop at step %d of %d.", initial_step, num_train_steps)
     progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True)
     start_time = time.time()
@@ -509,6 +500,8 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
                 sde,
                 inverse_scaler,
                 hutchinson_type=ev.get("hutchinson_type", "Rademacher"),
+                rtol=float(ev.get("bpd_rtol", 1e-5)),
+                atol=float(ev.get("bpd_atol", 1e-5)),
                 eps=eps,
                 truncation="exact" if ev.get("residual", True) else "plain",
             )
@@ -591,9 +584,7 @@ def _latest_checkpoint(workdir: str) -> int:
         else []
     )
     if not found:
-        raise FileNotFoundError(
-            f"No checkpoint_N.pth in {folder}: train first (python main.py --mode train)."
-        )
+        raise FileNotFoundError(f"No checkpoint_N.pth in {folder}: train first (python main.py --mode train).")
     return max(found)
 
 

@@ -95,18 +95,14 @@ def register_corrector(cls=None, *, name=None):
 def get_predictor(name: str) -> type:
     """Predictor class registered under `name` (config.sampling.predictor)."""
     if name not in _PREDICTORS:
-        raise ValueError(
-            f"Unknown predictor {name!r} (config.sampling.predictor); valid names: {sorted(_PREDICTORS)}"
-        )
+        raise ValueError(f"Unknown predictor {name!r} (config.sampling.predictor); valid names: {sorted(_PREDICTORS)}")
     return _PREDICTORS[name]
 
 
 def get_corrector(name: str) -> type:
     """Corrector class registered under `name` (config.sampling.corrector)."""
     if name not in _CORRECTORS:
-        raise ValueError(
-            f"Unknown corrector {name!r} (config.sampling.corrector); valid names: {sorted(_CORRECTORS)}"
-        )
+        raise ValueError(f"Unknown corrector {name!r} (config.sampling.corrector); valid names: {sorted(_CORRECTORS)}")
     return _CORRECTORS[name]
 
 
@@ -309,10 +305,7 @@ class EulerMaruyamaPredictor(Predictor):
         x_mean = x + drift * dt
         if self.probability_flow:
             return x_mean, x_mean
-        x = (
-            x_mean
-            + _bcast(diffusion, x) * torch.sqrt(torch.as_tensor(-dt, dtype=x.dtype, device=x.device)) * z
-        )
+        x = x_mean + _bcast(diffusion, x) * torch.sqrt(torch.as_tensor(-dt, dtype=x.dtype, device=x.device)) * z
         return x, x_mean
 
 
@@ -490,9 +483,7 @@ def shared_corrector_update_fn(x, t, sde, model, corrector, continuous, snr, n_s
     """A wrapper that configures and returns the update function of correctors."""
     score_fn = _score_fn_from_model(sde, model, continuous)
     corrector_obj = (
-        NoneCorrector(sde, score_fn, snr, n_steps)
-        if corrector is None
-        else corrector(sde, score_fn, snr, n_steps)
+        NoneCorrector(sde, score_fn, snr, n_steps) if corrector is None else corrector(sde, score_fn, snr, n_steps)
     )
     return corrector_obj.update_fn(x, t)
 
@@ -567,9 +558,7 @@ def get_pc_sampler(
         with torch.no_grad():
             score_fn = _score_fn_from_model(sde, model, continuous)
             x = _initial_state(sde, shape, z, device)
-            x, nfe = pc_sample(
-                sde, score_fn, x, predictor, corrector, snr, n_steps, probability_flow, denoise, eps
-            )
+            x, nfe = pc_sample(sde, score_fn, x, predictor, corrector, snr, n_steps, probability_flow, denoise, eps)
             return inverse_scaler(x), nfe
 
     return pc_sampler
@@ -650,15 +639,11 @@ class ProbabilityFlowODE:
 
     def encode_from_score_fn(self, score_fn: ScoreFn, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Data x at t = eps -> latent z at t = T."""
-        return solve_probability_flow(
-            self.sde, score_fn, x, self.eps, self.sde.T, self.rtol, self.atol, self.method
-        )
+        return solve_probability_flow(self.sde, score_fn, x, self.eps, self.sde.T, self.rtol, self.atol, self.method)
 
     def decode_from_score_fn(self, score_fn: ScoreFn, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Latent z at t = T -> data x at t = eps."""
-        return solve_probability_flow(
-            self.sde, score_fn, z, self.sde.T, self.eps, self.rtol, self.atol, self.method
-        )
+        return solve_probability_flow(self.sde, score_fn, z, self.sde.T, self.eps, self.rtol, self.atol, self.method)
 
     def image_to_latent(self, model, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Encode model-space data x into the latent z = x(T)."""
@@ -919,9 +904,7 @@ def dpm_solver_sample(
     and fewer than 15 steps the last steps also drop order (DPM-Solver's choice for stability). With denoise,
     a final Tweedie x0_hat at eps (+1 evaluation). Returns (x, nfe)."""
     if order not in (1, 2, 3):
-        raise ValueError(
-            f"DPM-Solver++ order must be 1, 2 or 3 (config.sampling.dpm_solver_order), got {order}"
-        )
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (config.sampling.dpm_solver_order), got {order}")
     counter = _CountingScoreFn(score_fn)
     num_steps = len(ts) - 1
     coeffs = [_scalar_coefficients(sde, t) for t in ts]
@@ -966,9 +949,7 @@ def get_dpm_solver_sampler(
     if num_steps < 1:
         raise ValueError(f"DPM-Solver++ needs num_steps >= 1 (config.sampling.nfe), got {num_steps}")
     if order not in (1, 2, 3):
-        raise ValueError(
-            f"DPM-Solver++ order must be 1, 2 or 3 (config.sampling.dpm_solver_order), got {order}"
-        )
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (config.sampling.dpm_solver_order), got {order}")
     fast_time_grid(sde, 2, eps, schedule)
 
     def dpm_solver_sampler(model, z=None):

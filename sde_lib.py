@@ -41,9 +41,7 @@ def _float_tensor(t: Tensor) -> Tensor:
     return t if torch.is_floating_point(t) else t.to(torch.get_default_dtype())
 
 
-def _uniform(
-    size: tuple[int, ...], device: torch.device | str | None, generator: torch.Generator | None
-) -> Tensor:
+def _uniform(size: tuple[int, ...], device: torch.device | str | None, generator: torch.Generator | None) -> Tensor:
     """U(0, 1) draws of the given size, in float64 where possible, placed on `device`."""
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
     u = torch.rand(size, generator=generator, device=gen_device, dtype=_wide_dtype(gen_device))
@@ -151,9 +149,7 @@ class SDE(abc.ABC):
 
     def iw_antiderivative(self, t: Tensor) -> Tensor:
         """A(t), an antiderivative of g^2/sigma^2 (closed form per SDE)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} does not define iw_antiderivative (closed form A(t))."
-        )
+        raise NotImplementedError(f"{type(self).__name__} does not define iw_antiderivative (closed form A(t)).")
 
     def iw_antiderivative_inverse(self, a: Tensor) -> Tensor:
         """t = A^-1(a), the inverse of iw_antiderivative."""
@@ -501,9 +497,7 @@ class VESDE(SDE):
         timestep = (t * (self.N - 1) / self.T).long()
         sigmas = self.discrete_sigmas.to(t.device)
         sigma = sigmas[timestep]
-        adjacent_sigma = torch.where(
-            timestep == 0, torch.zeros_like(sigma), sigmas[(timestep - 1).clamp(min=0)]
-        )
+        adjacent_sigma = torch.where(timestep == 0, torch.zeros_like(sigma), sigmas[(timestep - 1).clamp(min=0)])
         f = torch.zeros_like(x)
         G = torch.sqrt(sigma**2 - adjacent_sigma**2)
         return f, G
@@ -540,9 +534,7 @@ class RVESDE(VESDE):
     def __init__(self, sigma_min: float = 1e-3, sigma_max: float = 50, N: int = 1000, eps: float = 1e-5):
         """Construct an RVE SDE; eps is the time where sigma reaches sigma_min (training.truncation_time)."""
         if not 0.0 < eps < 1.0:
-            raise ValueError(
-                f"RVESDE eps must lie in (0, 1); got {eps}. Set training.truncation_time in (0, 1)."
-            )
+            raise ValueError(f"RVESDE eps must lie in (0, 1); got {eps}. Set training.truncation_time in (0, 1).")
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(
                 f"RVESDE needs 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}. "

@@ -88,11 +88,7 @@ def _get_sampler(
     def sampler(model: torch.nn.Module, z: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Draw samples; z (optional) is the starting x_T. Returns (inverse_scaler(h(x_eps, eps)), nfe)."""
         denoiser_fn = corruption.get_denoiser_fn(model, train=False)
-        x = (
-            corruption.prior_sampling(shape, device=device, generator=generator)
-            if z is None
-            else z.to(device)
-        )
+        x = corruption.prior_sampling(shape, device=device, generator=generator) if z is None else z.to(device)
         ts = time_grid(num_steps, corruption.T, eps, device=device)
         x0_hat = x
         for i in range(num_steps):
@@ -135,9 +131,7 @@ def get_momentum_sampler(
     generator: torch.Generator | None = None,
 ) -> Callable:
     """Momentum Sampler of Soft Diffusion on N = num_steps grid points (default corruption.N)."""
-    return _get_sampler(
-        "momentum", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator
-    )
+    return _get_sampler("momentum", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator)
 
 
 def _config_options(config: ml_collections.ConfigDict, corruption) -> tuple[int, bool]:
@@ -152,18 +146,14 @@ def _config_options(config: ml_collections.ConfigDict, corruption) -> tuple[int,
 
 
 @register_sampling_method("naive_blur")
-def build_naive_sampler(
-    config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float
-) -> Callable:
+def build_naive_sampler(config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float) -> Callable:
     """sampling.py builder for config.sampling.method = 'naive_blur' (sde is the BlurCorruption)."""
     num_steps, noise = _config_options(config, sde)
     return get_naive_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise)
 
 
 @register_sampling_method("momentum")
-def build_momentum_sampler(
-    config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float
-) -> Callable:
+def build_momentum_sampler(config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float) -> Callable:
     """sampling.py builder for config.sampling.method = 'momentum' (sde is the BlurCorruption)."""
     num_steps, noise = _config_options(config, sde)
     return get_momentum_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise)

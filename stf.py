@@ -101,17 +101,13 @@ def _flatten_inputs(
             f"got {tuple(reference.shape)}"
         )
     if reference.shape[0] == 0 and own_source is None:
-        raise ValueError(
-            "the STF reference batch is empty: it must contain at least each sample's own source"
-        )
+        raise ValueError("the STF reference batch is empty: it must contain at least each sample's own source")
     x = x_t.detach().reshape(batch, -1).float()
     ref = reference.detach().to(x.device).reshape(reference.shape[0], x.shape[1]).float()
     own = None
     if own_source is not None:
         if own_source.shape != x_t.shape:
-            raise ValueError(
-                f"own_source must have the shape of x_t {tuple(x_t.shape)}, got {tuple(own_source.shape)}"
-            )
+            raise ValueError(f"own_source must have the shape of x_t {tuple(x_t.shape)}, got {tuple(own_source.shape)}")
         own = own_source.detach().to(x.device).reshape(batch, -1).float()
     a = _per_sample(alpha, batch, x.device)
     s = _per_sample(std, batch, x.device)
@@ -269,9 +265,7 @@ class ReferenceBatchSampler:
             raise ValueError(f"training.stf_ref_batch_size must be a positive integer, got {n!r}")
         if isinstance(data, torch.Tensor):
             if data.dim() < 2:
-                raise ValueError(
-                    f"reference data tensor must have shape [N, C, H, W], got {tuple(data.shape)}"
-                )
+                raise ValueError(f"reference data tensor must have shape [N, C, H, W], got {tuple(data.shape)}")
         elif not (hasattr(data, "get_batch") and hasattr(data, "__len__")):
             raise TypeError(
                 "ReferenceBatchSampler needs a tensor [N, C, H, W] or a Dataset with get_batch(indices, "

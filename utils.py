@@ -35,9 +35,7 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return {(k[len(MODULE_PREFIX) :] if k.startswith(MODULE_PREFIX) else k): v for k, v in state_dict.items()}
 
 
-def load_model_state_strict(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
-) -> None:
+def load_model_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load a model state_dict (with or without 'module.' prefixes) strictly; on mismatch, name every bad key."""
     net = _unwrap(model)
     loaded = strip_module_prefix(state_dict)
@@ -136,9 +134,7 @@ def _numpy_scalar_globals() -> list:
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         entries += [
-            getattr(dtypes, name)
-            for name in ("Float64DType", "Float32DType", "Int64DType")
-            if hasattr(dtypes, name)
+            getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType") if hasattr(dtypes, name)
         ]
     return entries
 

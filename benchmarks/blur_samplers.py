@@ -108,10 +108,7 @@ def main() -> None:
     header = f"{'sampler':<22}{'NFE':>5}{'W2(x_eps)':>12}{'W2(out)':>11}{'var ratio':>11}{'time s':>9}"
     print(header)
     print("-" * len(header))
-    print(
-        f"{'exact samples (floor)':<22}{'-':>5}{floor:>12.4f}{floor_out:>11.4f}"
-        f"{var_ratio(exact, target_var):>11.3f}"
-    )
+    print(f"{'exact samples (floor)':<22}{'-':>5}{floor:>12.4f}{floor_out:>11.4f}{var_ratio(exact, target_var):>11.3f}")
     results = {}
     for steps in [int(s) for s in args.steps.split(",")]:
         for name, getter, noise in (

@@ -95,9 +95,7 @@ def run_fast(sde, score_fn, z, eps, method: str, nfe: int, schedule: str):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=4000, help="number of samples (latents)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -132,9 +130,7 @@ def main():
     print(f"{'SDE':>6} {'sampler':>8} | " + " | ".join(f"NFE {n:>2}" for n in NFES))
     for name, _, _ in make_sdes():
         for key, label in methods:
-            ratios = [
-                summary[(name, key, "edm", n)] / max(summary[(name, key, "logsnr", n)], 1e-12) for n in NFES
-            ]
+            ratios = [summary[(name, key, "edm", n)] / max(summary[(name, key, "logsnr", n)], 1e-12) for n in NFES]
             print(f"{name:>6} {label:>8} | " + " | ".join(f"{r:6.2f}" for r in ratios))
     print("\nRMSE ratio Heun / DPM++3M at the same budget, best grid each")
     for name, _, _ in make_sdes():

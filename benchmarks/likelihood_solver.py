@@ -89,9 +89,7 @@ def scipy_likelihood(sde, score_fn, data, probe, eps, rtol, atol, fused):
             with torch.no_grad():
                 drift = drift_fn(x, vec_t)
             div = div_fn(x, vec_t, probe)
-        return np.concatenate([drift.detach().cpu().numpy().reshape(-1), div.detach().cpu().numpy()]).astype(
-            np.float64
-        )
+        return np.concatenate([drift.detach().cpu().numpy().reshape(-1), div.detach().cpu().numpy()]).astype(np.float64)
 
     y0 = np.concatenate([data.cpu().numpy().reshape(-1), np.zeros(shape[0])]).astype(np.float64)
     sol = integrate.solve_ivp(ode_func, (eps, sde.T), y0, rtol=rtol, atol=atol, method="RK45")
@@ -103,9 +101,7 @@ def scipy_likelihood(sde, score_fn, data, probe, eps, rtol, atol, fused):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=8)
@@ -132,12 +128,8 @@ def main() -> None:
         return bpd.cpu(), nfe
 
     variants = {
-        "scipy_score_sde": lambda: scipy_likelihood(
-            sde, score_fn, data, probe, args.eps, args.tol, args.tol, False
-        ),
-        "scipy_fused": lambda: scipy_likelihood(
-            sde, score_fn, data, probe, args.eps, args.tol, args.tol, True
-        ),
+        "scipy_score_sde": lambda: scipy_likelihood(sde, score_fn, data, probe, args.eps, args.tol, args.tol, False),
+        "scipy_fused": lambda: scipy_likelihood(sde, score_fn, data, probe, args.eps, args.tol, args.tol, True),
         "torch_dopri5": run_torch,
     }
     print(
@@ -160,10 +152,7 @@ def main() -> None:
                 results[name] = (secs, nfe, bpd)
     base_time = results["scipy_score_sde"][0]
     base_bpd = results["scipy_score_sde"][2]
-    print(
-        f"{'variant':<18}{'time [s]':>10}{'NFE':>6}{'ms/NFE':>9}{'speed-up':>10}{'mean bpd':>11}"
-        f"{'max |dbpd|':>12}"
-    )
+    print(f"{'variant':<18}{'time [s]':>10}{'NFE':>6}{'ms/NFE':>9}{'speed-up':>10}{'mean bpd':>11}{'max |dbpd|':>12}")
     for name, (secs, nfe, bpd) in results.items():
         print(
             f"{name:<18}{secs:>10.3f}{nfe:>6d}{1000 * secs / nfe:>9.2f}{base_time / secs:>10.2f}"

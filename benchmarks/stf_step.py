@@ -96,9 +96,7 @@ def main(argv=None) -> dict:
     samplers = {n: stf.ReferenceBatchSampler(train_set, n, random_flip=True, scaler=scaler) for n in args.ns}
     references = {n: samplers[n].reference_batch(batch) for n in args.ns}
     t = torch.rand(args.batch, device=device) * (1 - 1e-5) + 1e-5
-    x_t = sde.alpha(t)[:, None, None, None] * batch + sde.marginal_std(t)[
-        :, None, None, None
-    ] * torch.randn_like(batch)
+    x_t = sde.alpha(t)[:, None, None, None] * batch + sde.marginal_std(t)[:, None, None, None] * torch.randn_like(batch)
 
     def step(loss_fn, reference=None):
         model.zero_grad(set_to_none=True)
@@ -107,9 +105,7 @@ def main(argv=None) -> dict:
     variants = {"DSM step": lambda: step(dsm_loss)}
     for n in args.ns:
         variants[f"STF step, n={n}"] = lambda n=n: step(stf_loss, references[n])
-        variants[f"STF step + sampling, n={n}"] = lambda n=n: step(
-            stf_loss, samplers[n].reference_batch(batch)
-        )
+        variants[f"STF step + sampling, n={n}"] = lambda n=n: step(stf_loss, samplers[n].reference_batch(batch))
         variants[f"  STF target only, n={n}"] = lambda n=n: stf.stf_noise_target(
             x_t, sde.alpha(t), sde.marginal_std(t), references[n]
         )

@@ -22,9 +22,7 @@ def get_config():
     training.corruption = "blur"
     training.continuous = True
     training.reduce_mean = True
-    training.weighting = (
-        "variance"  # lambda = s_t^2: the 'ssm' weighting; 'x0' is the plain ||C_t(h - x0)||^2
-    )
+    training.weighting = "variance"  # lambda = s_t^2: the 'ssm' weighting; 'x0' is the plain ||C_t(h - x0)||^2
     training.truncation_time = 1e-3  # t ~ U[1e-3, 1] in training; also the last time of the sampling grid
     training.st = False  # Soft Truncation is defined for the Gaussian SDEs' likelihood weighting only
 

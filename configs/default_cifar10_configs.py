@@ -27,9 +27,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.st = False
     training.k = 1.0
     training.truncation_time = 1e-5  # eps: the smallest diffusion time trained on
-    training.importance_sampling = (
-        False  # t ~ g^2/sigma^2 on [tau, T] (likelihood weighting by importance sampling)
-    )
+    training.importance_sampling = False  # t ~ g^2/sigma^2 on [tau, T] (likelihood weighting by importance sampling)
     # weighting: '' derives it from likelihood_weighting / importance_sampling (score_sde); or 'variance',
     # 'likelihood', 'importance', 'x0' (lambda = sigma^4: Soft Diffusion's unweighted ||C_t (h - x0)||^2)
     training.weighting = ""
@@ -81,6 +79,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.residual = True  # ST paper's exact treatment of the truncation in bits/dim
     evaluate.probability_flow = True
     evaluate.hutchinson_type = "Rademacher"
+    evaluate.bpd_rtol = 1e-5  # tolerances of the probability-flow ODE solver for bits/dim (score_sde: 1e-5)
+    evaluate.bpd_atol = 1e-5
     evaluate.inception_path = ""  # torch-fidelity Inception weights; '' -> $SCORE_SDE_INCEPTION_WEIGHTS
     evaluate.stats_path = ""  # reference statistics npz; '' -> assets/stats/<dataset>_stats.npz
 

@@ -16,6 +16,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.eval.batch_size = 512
     config.data.dataset = "CelebAHQ"
     config.data.image_size = 256
+    config.data.num_eval = 1000  # CelebAHQ: the last 1000 images (sorted) are the evaluation split
     config.model.sigma_max = 348
     config.model.num_scales = 2000
     return config

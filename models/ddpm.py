@@ -36,9 +36,7 @@ class DDPM(nn.Module):
         self.centered = bool(config.data.centered)
         self.scale_by_sigma = bool(m.scale_by_sigma)
         if nf % 32:
-            raise ValueError(
-                f"config.model.nf={nf} must be a multiple of 32 for the DDPM model (GroupNorm(32))."
-            )
+            raise ValueError(f"config.model.nf={nf} must be a multiple of 32 for the DDPM model (GroupNorm(32)).")
 
         ResnetBlock = functools.partial(layers.ResnetBlockDDPM, act=act, temb_dim=4 * nf, dropout=m.dropout)
         modules = []

@@ -87,13 +87,9 @@ def dense(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.Li
     return layer
 
 
-def ncsn_conv1x1(
-    in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=0
-) -> nn.Conv2d:
+def ncsn_conv1x1(in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=0) -> nn.Conv2d:
     """1x1 convolution with PyTorch's init scaled by init_scale (NCSNv1/v2)."""
-    conv = nn.Conv2d(
-        in_planes, out_planes, kernel_size=1, stride=stride, bias=bias, dilation=dilation, padding=padding
-    )
+    conv = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=bias, dilation=dilation, padding=padding)
     init_scale = 1e-10 if init_scale == 0 else init_scale
     with torch.no_grad():
         conv.weight.mul_(init_scale)
@@ -102,13 +98,9 @@ def ncsn_conv1x1(
     return conv
 
 
-def ncsn_conv3x3(
-    in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=1
-) -> nn.Conv2d:
+def ncsn_conv3x3(in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=1) -> nn.Conv2d:
     """3x3 convolution with PyTorch's init scaled by init_scale (NCSNv1/v2)."""
-    conv = nn.Conv2d(
-        in_planes, out_planes, kernel_size=3, stride=stride, bias=bias, dilation=dilation, padding=padding
-    )
+    conv = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, bias=bias, dilation=dilation, padding=padding)
     init_scale = 1e-10 if init_scale == 0 else init_scale
     with torch.no_grad():
         conv.weight.mul_(init_scale)
@@ -126,13 +118,9 @@ def ddpm_conv1x1(in_planes, out_planes, stride=1, bias=True, init_scale=1.0, pad
     return conv
 
 
-def ddpm_conv3x3(
-    in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=1
-) -> nn.Conv2d:
+def ddpm_conv3x3(in_planes, out_planes, stride=1, bias=True, dilation=1, init_scale=1.0, padding=1) -> nn.Conv2d:
     """3x3 convolution with DDPM initialisation (default_init weights, zero bias)."""
-    conv = nn.Conv2d(
-        in_planes, out_planes, kernel_size=3, stride=stride, padding=padding, dilation=dilation, bias=bias
-    )
+    conv = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=padding, dilation=dilation, bias=bias)
     init_weight_(conv.weight, init_scale)
     if bias:
         nn.init.zeros_(conv.bias)
@@ -143,9 +131,7 @@ conv1x1 = ddpm_conv1x1
 conv3x3 = ddpm_conv3x3
 
 
-def get_timestep_embedding(
-    timesteps: torch.Tensor, embedding_dim: int, max_positions: int = 10000
-) -> torch.Tensor:
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding [sin(t w_i), cos(t w_i)], w_i = max_positions^(-i / (d/2 - 1)) (DDPM)."""
     if timesteps.ndim != 1:
         raise ValueError(f"timesteps must have shape [B], got {tuple(timesteps.shape)}")

@@ -98,9 +98,7 @@ class NCSNpp(nn.Module):
             embed_dim = int(m.embedding_dim) if self.lsgm else nf
             temb_base = embed_dim
         else:
-            raise ValueError(
-                f"model.embedding_type={m.embedding_type!r} is unknown; use 'fourier' or 'positional'."
-            )
+            raise ValueError(f"model.embedding_type={m.embedding_type!r} is unknown; use 'fourier' or 'positional'.")
         self.positional_dim = embed_dim
         temb_dim = 4 * temb_base
         if conditional:
@@ -110,23 +108,15 @@ class NCSNpp(nn.Module):
             modules.append(layerspp.FixedFourierProjection())
 
         AttnBlock = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale, skip_rescale=skip_rescale)
-        Upsample = functools.partial(
-            layerspp.Upsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel
-        )
-        Downsample = functools.partial(
-            layerspp.Downsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel
-        )
+        Upsample = functools.partial(layerspp.Upsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel)
+        Downsample = functools.partial(layerspp.Downsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel)
         combiner = functools.partial(layerspp.Combine, method=combine_method)
         if progressive == "output_skip":
             self.pyramid_upsample = layerspp.Upsample(fir=fir, fir_kernel=fir_kernel, with_conv=False)
-        pyramid_upsample = functools.partial(
-            layerspp.Upsample, fir=fir, fir_kernel=fir_kernel, with_conv=True
-        )
+        pyramid_upsample = functools.partial(layerspp.Upsample, fir=fir, fir_kernel=fir_kernel, with_conv=True)
         if progressive_input == "input_skip":
             self.pyramid_downsample = layerspp.Downsample(fir=fir, fir_kernel=fir_kernel, with_conv=False)
-        pyramid_downsample = functools.partial(
-            layerspp.Downsample, fir=fir, fir_kernel=fir_kernel, with_conv=True
-        )
+        pyramid_downsample = functools.partial(layerspp.Downsample, fir=fir, fir_kernel=fir_kernel, with_conv=True)
         if resblock_type == "ddpm":
             ResnetBlock = functools.partial(
                 layerspp.ResnetBlockDDPMpp,

@@ -85,9 +85,7 @@ def naive_downsample_2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return x.reshape(n, c, h // factor, factor, w // factor, factor).mean(dim=(3, 5))
 
 
-def upsample_2d(
-    x: torch.Tensor, k: KernelLike | None = None, factor: int = 2, gain: float = 1
-) -> torch.Tensor:
+def upsample_2d(x: torch.Tensor, k: KernelLike | None = None, factor: int = 2, gain: float = 1) -> torch.Tensor:
     """FIR upsampling (StyleGAN2): upfirdn2d with kernel k * gain * factor^2, output [N, C, H*f, W*f]."""
     if k is None:
         k = [1] * factor
@@ -96,9 +94,7 @@ def upsample_2d(
     return upfirdn2d(x, k2, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
 
-def downsample_2d(
-    x: torch.Tensor, k: KernelLike | None = None, factor: int = 2, gain: float = 1
-) -> torch.Tensor:
+def downsample_2d(x: torch.Tensor, k: KernelLike | None = None, factor: int = 2, gain: float = 1) -> torch.Tensor:
     """FIR downsampling (StyleGAN2): upfirdn2d with kernel k * gain, output [N, C, H/f, W/f]."""
     if k is None:
         k = [1] * factor
@@ -164,9 +160,7 @@ class Conv2d(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_ch, in_ch, kernel, kernel))
         if kernel_init is not None:
             with torch.no_grad():
-                self.weight.copy_(
-                    kernel_init(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
-                )
+                self.weight.copy_(kernel_init(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device))
         if use_bias:
             self.bias = nn.Parameter(torch.zeros(out_ch))
         self.up = up

@@ -50,9 +50,7 @@ def get_model(name: str) -> type:
 
 def get_sigmas(config) -> np.ndarray:
     """Geometric noise levels sigma_i = exp(linspace(log sigma_max, log sigma_min, num_scales)), float64."""
-    return np.exp(
-        np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min), config.model.num_scales)
-    )
+    return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min), config.model.num_scales))
 
 
 def get_ddpm_params(config) -> dict:

@@ -9,8 +9,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-REFERENCE_DIR = os.environ.get(
-    "SCORE_SDE_REFERENCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "reference")
-)
+REFERENCE_DIR = os.environ.get("SCORE_SDE_REFERENCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "reference"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -66,11 +66,7 @@ def test_equal_increment_levels():
     var = (1.0 / (1 + n[:, None] ** 2 + n[None, :] ** 2)).unsqueeze(0)
     sched = bs.make_schedule(mean, var, 0.3, 8.0, num_candidates=256, num_levels=12)
     sig = np.array(sched["sigma"])
-    assert (
-        len(sig) == 12
-        and math.isclose(sig[0], 0.3, rel_tol=1e-9)
-        and math.isclose(sig[-1], 8.0, rel_tol=1e-9)
-    )
+    assert len(sig) == 12 and math.isclose(sig[0], 0.3, rel_tol=1e-9) and math.isclose(sig[-1], 8.0, rel_tol=1e-9)
     assert np.all(np.diff(sig) > 0)
     steps = np.array(sched["w2_steps"])
     # direct W2 between chosen neighbours is close to the equal share of the path length (fine candidate grid)
@@ -125,9 +121,7 @@ def test_schedule_file_round_trip(tmp_path):
     t = torch.tensor(sched["t"], dtype=torch.float64)
     assert np.allclose(corr.blur_sigma(t).numpy(), sched["sigma"], rtol=1e-12)
     mid = torch.tensor([(sched["t"][2] + sched["t"][3]) / 2], dtype=torch.float64)
-    assert math.isclose(
-        corr.blur_sigma(mid).item(), math.sqrt(sched["sigma"][2] * sched["sigma"][3]), rel_tol=1e-9
-    )
+    assert math.isclose(corr.blur_sigma(mid).item(), math.sqrt(sched["sigma"][2] * sched["sigma"][3]), rel_tol=1e-9)
 
 
 def test_main_writes_a_usable_schedule(tmp_path):

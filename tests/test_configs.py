@@ -122,11 +122,7 @@ def test_layout_configs_match(name):
         for field, value in flatten(reference[section]).items():
             if f"{section}.{field}" in NOT_CARRIED:
                 continue
-            if (
-                section == "training"
-                and field in ("sde", "unbounded_parametrization")
-                and path in UNBOUNDED_VE
-            ):
+            if section == "training" and field in ("sde", "unbounded_parametrization") and path in UNBOUNDED_VE:
                 continue
             if section == "training" and field == "sde" and value == "reciprocal_vesde":
                 assert ours.training.sde == "rvesde"

@@ -71,9 +71,7 @@ def test_blur_equals_reflective_gaussian_convolution(sigma):
     x2 = np.stack([x[0], x[1]])
     sig = torch.tensor([sigma, 2 * sigma], dtype=torch.float32)
     ours2 = blur(torch.from_numpy(x2).float(), sig).numpy()
-    ref2 = scipy.ndimage.gaussian_filter(
-        x2[1], sigma=(0, 2 * sigma, 2 * sigma), mode="reflect", truncate=12.0
-    )
+    ref2 = scipy.ndimage.gaussian_filter(x2[1], sigma=(0, 2 * sigma, 2 * sigma), mode="reflect", truncate=12.0)
     assert np.abs(ours2[1] - ref2).max() < 1e-4
     assert np.abs(ours2[0] - ref[0]).max() < 1e-4
 
@@ -271,9 +269,7 @@ def test_fit_prior_recovers_mean_and_variance_and_samples():
     assert np.all(np.abs(sc.var(0) / fitted_var - 1) < 5 * math.sqrt(2 / count))
     # prior_logp equals the pixel-space Gaussian density with covariance D^T diag(var) D (one channel here)
     c1 = _make(sigma_max=3.0).fit_prior(images[:2000, :1])
-    basis = np.stack(
-        [_np_idct2(np.eye(height * width)[k].reshape(height, width)) for k in range(height * width)]
-    )
+    basis = np.stack([_np_idct2(np.eye(height * width)[k].reshape(height, width)) for k in range(height * width)])
     d_mat = basis.reshape(height * width, -1)  # rows: basis images, so pixel = d_mat^T coeff
     cov = d_mat.T @ np.diag(c1.prior_var.double().numpy().ravel()) @ d_mat
     mu = d_mat.T @ c1.prior_mean.double().numpy().ravel()

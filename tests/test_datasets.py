@@ -98,9 +98,7 @@ def test_scaler_and_inverse():
     x = torch.tensor([0.0, 0.25, 1.0])
     centered = make_config("SHAPES", centered=True)
     assert torch.allclose(datasets.get_data_scaler(centered)(x), torch.tensor([-1.0, -0.5, 1.0]))
-    assert torch.allclose(
-        datasets.get_data_inverse_scaler(centered)(datasets.get_data_scaler(centered)(x)), x
-    )
+    assert torch.allclose(datasets.get_data_inverse_scaler(centered)(datasets.get_data_scaler(centered)(x)), x)
     plain = make_config("SHAPES", centered=False)
     assert torch.equal(datasets.get_data_scaler(plain)(x), x)
     assert torch.equal(datasets.get_data_inverse_scaler(plain)(x), x)
@@ -346,9 +344,7 @@ def test_celeba_split_crop_and_resize(tmp_path):
     expected = triangle_resize_reference(decoded[2][39:179, 19:159].transpose(2, 0, 1).astype(float), 64)
     assert image.shape == (3, 64, 64) and np.abs(image - expected).max() <= 1
 
-    loader, eval_loader, _ = datasets.get_dataset(
-        make_config("CELEBA", tmp_path, image_size=64, batch_size=2)
-    )
+    loader, eval_loader, _ = datasets.get_dataset(make_config("CELEBA", tmp_path, image_size=64, batch_size=2))
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 64, 64) and batch["label"].tolist() == [-1, -1]
     assert next(iter(eval_loader))["image"].shape == (1, 3, 64, 64)
@@ -416,9 +412,7 @@ def write_imagenet32(root, per_file=2, n_val=3, seed=0):
     for i in range(1, 11):
         data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
         labels = rng.integers(1, 1001, per_file)
-        np.savez(
-            root / "Imagenet32_train_npz" / f"train_data_batch_{i}.npz", data=data, labels=labels, mean=0
-        )
+        np.savez(root / "Imagenet32_train_npz" / f"train_data_batch_{i}.npz", data=data, labels=labels, mean=0)
         train.append((data, labels))
     val = (rng.integers(0, 256, (n_val, 3072), dtype=np.uint8), rng.integers(1, 1001, n_val))
     np.savez(root / "Imagenet32_val_npz" / "val_data.npz", data=val[0], labels=val[1])
@@ -442,9 +436,7 @@ def test_imagenet32_decode_labels_and_cache(tmp_path):
     assert cache.is_file() and np.load(cache).shape == (20, 3, 32, 32)
     again = datasets.get_train_dataset(config)
     assert isinstance(again.arrays[0], datasets._Memmap)
-    assert torch.equal(
-        again.get_batch(list(range(20)), augment=False), train.get_batch(list(range(20)), False)
-    )
+    assert torch.equal(again.get_batch(list(range(20)), augment=False), train.get_batch(list(range(20)), False))
     assert len(pickle.dumps(again)) < 10_000  # workers reopen the map instead of copying the images
     # a newer npz file invalidates the cache
     new = np.full((2, 3072), 7, dtype=np.uint8)
@@ -461,9 +453,7 @@ def test_imagenet32_errors(tmp_path):
     np.savez(tmp_path / "Imagenet32_val_npz" / "val_data.npz", images=np.zeros(3))
     with pytest.raises(ValueError, match="val_data.npz.*not a downsampled-ImageNet npz"):
         datasets.get_eval_dataset(make_config("IMAGENET32", tmp_path))
-    np.savez(
-        tmp_path / "Imagenet32_val_npz" / "val_data.npz", data=np.zeros((2, 3072), np.uint8), labels=[0, 1]
-    )
+    np.savez(tmp_path / "Imagenet32_val_npz" / "val_data.npz", data=np.zeros((2, 3072), np.uint8), labels=[0, 1])
     with pytest.raises(ValueError, match="1-based"):
         datasets.get_eval_dataset(make_config("IMAGENET32", tmp_path))
 
@@ -582,9 +572,7 @@ def test_shapes_dataset_deterministic_and_well_formed():
     assert 0.2 < two_colours < 0.5  # second shape in half of the images, 5/6 of them in another colour
     labels = torch.tensor([a[i][1] for i in range(200)])
     assert set(labels.tolist()) == {0, 1, 2}
-    loader, eval_loader, _ = datasets.get_dataset(
-        make_config("SHAPES", image_size=16, num_train=64, num_eval=8)
-    )
+    loader, eval_loader, _ = datasets.get_dataset(make_config("SHAPES", image_size=16, num_train=64, num_eval=8))
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.int64
     with pytest.raises(ValueError, match="num_train"):

@@ -100,10 +100,7 @@ def test_kid_matches_numpy_and_is_unbiased():
     mean, std = evaluation.kernel_inception_distance(x, y, subset_size=30, num_subsets=3)
     assert mean == pytest.approx(expected, rel=1e-10) and std < 1e-10
     # same distribution: the unbiased estimate averages to 0 (Monte Carlo over many independent pairs)
-    vals = [
-        evaluation.polynomial_mmd2_unbiased(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)))
-        for _ in range(400)
-    ]
+    vals = [evaluation.polynomial_mmd2_unbiased(rng.normal(size=(20, 4)), rng.normal(size=(20, 4))) for _ in range(400)]
     assert abs(np.mean(vals)) < 4 * np.std(vals) / math.sqrt(len(vals))
 
 
@@ -143,10 +140,7 @@ def test_inception_features_end_to_end(inception_weights, monkeypatch):
     assert np.abs(feats["pool_3"][0] - feats["pool_3"][1]).max() > 1e-3  # features depend on the image
     # logits are the biased fc output of pool_3 (tfgan 'logits'), from the weights file itself
     sd = torch.load(inception_weights, weights_only=True)
-    logits = (
-        feats["pool_3"].astype(np.float64) @ sd["fc.weight"].double().numpy().T
-        + sd["fc.bias"].double().numpy()
-    )
+    logits = feats["pool_3"].astype(np.float64) @ sd["fc.weight"].double().numpy().T + sd["fc.bias"].double().numpy()
     assert np.abs(logits - feats["logits"]).max() < 1e-3 * (1 + np.abs(logits).max())
     # float [0, 1] NCHW input of the same image gives the same features as uint8 NHWC
     scale = 1 + np.abs(feats["pool_3"]).max()
@@ -159,9 +153,7 @@ def test_uint8_conversion():
     u = evaluation.to_uint8_nchw(x)
     assert u.shape == (1, 3, 16, 16) and u.dtype == torch.uint8
     assert torch.equal(u[0, 1].reshape(-1), torch.arange(256, dtype=torch.uint8))  # k / 255 -> k
-    assert (
-        int(evaluation.to_uint8_nchw(torch.full((1, 3, 2, 2), 0.999))[0, 0, 0, 0]) == 254
-    )  # floor, score_sde
+    assert int(evaluation.to_uint8_nchw(torch.full((1, 3, 2, 2), 0.999))[0, 0, 0, 0]) == 254  # floor, score_sde
     assert int(evaluation.to_uint8_nchw(torch.full((1, 3, 2, 2), 1.7))[0, 0, 0, 0]) == 255
     with pytest.raises(ValueError, match="channels"):
         evaluation.to_uint8_nchw(torch.rand(1, 4, 8, 8))
@@ -298,9 +290,7 @@ def test_features_cache_and_metrics(tmp_path):
     samples = np.concatenate([np.load(sample_dir / f"samples_{r}.npz")["samples"] for r in range(3)])
     direct = evaluation.run_inception(samples, fake)
     assert res["num_samples"] == 24
-    assert res["fid"] == pytest.approx(
-        evaluation.fid_from_features(direct["pool_3"], ref["pool_3"]), rel=1e-6
-    )
+    assert res["fid"] == pytest.approx(evaluation.fid_from_features(direct["pool_3"], ref["pool_3"]), rel=1e-6)
     assert res["is"] == pytest.approx(evaluation.inception_score(direct["logits"], 10)[0], rel=1e-6)
     assert res["kid"] is not None and np.isfinite(res["kid"])
     moments = {"mu": ref["mu"], "sigma": ref["sigma"]}

@@ -231,9 +231,7 @@ def test_residual_matches_closed_form(name):
     n = 40000
     torch.manual_seed(0)
     t = torch.full((n,), eps, dtype=torch.float64)
-    _, r = likelihood.residual_nats(
-        sde, iso_score(sde), x0.repeat(n, 1, 1, 1), t, torch.randn(n, *SHAPE).double()
-    )
+    _, r = likelihood.residual_nats(sde, iso_score(sde), x0.repeat(n, 1, 1, 1), t, torch.randn(n, *SHAPE).double())
     expected = residual_closed_form(sde, x0.reshape(1, -1).numpy(), eps)[0]
     stderr = float(r.std()) / math.sqrt(n)
     assert abs(expected) > 0.05
@@ -377,9 +375,7 @@ def test_nelbo_bounds_nll(name):
     torch.manual_seed(0)
     for mu_m, s_m, rho in ((MU, S, 1.0), (-0.2, 0.9, 1.0), (MU, S, 3.0)):
         score = scaled_var_score(sde, mu_m, s_m, rho)
-        nel = likelihood.nelbo(sde, score, xb, eps=eps, num_t=32, truncation="plain", data_std=S)[
-            "nelbo"
-        ].numpy()
+        nel = likelihood.nelbo(sde, score, xb, eps=eps, num_t=32, truncation="plain", data_std=S)["nelbo"].numpy()
         ce = sde_model_cross_entropy(sde, x0n, eps, mu_m, s_m, rho)
         stderr = nel.std() / math.sqrt(n)
         gap = nel.mean() - ce

@@ -32,9 +32,7 @@ def shrink_score(sde, c):
 @pytest.fixture
 def patch_score(monkeypatch):
     def apply(score_fn):
-        monkeypatch.setattr(
-            losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: score_fn
-        )
+        monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: score_fn)
 
     return apply
 
@@ -63,9 +61,7 @@ def test_soft_truncation_expectation_is_g2_times_cdf_weighting(name, k, patch_sc
     # With x0 = 0 and s = -c x / sigma^2, std * s + z = (1 - c) z: the loss density is (1 - c(t))^2 per dimension.
     c = lambda t: 0.5 * t  # noqa: E731
     patch_score(shrink_score(sde, c))
-    loss_fn = losses.get_per_sample_loss_fn(
-        sde, train=True, reduce_mean=True, eps=eps, importance_sampling=True
-    )
+    loss_fn = losses.get_per_sample_loss_fn(sde, train=True, reduce_mean=True, eps=eps, importance_sampling=True)
     D, B, n_tau = 256, 64, 400
     batch = torch.zeros(B, D)
     values = []
@@ -105,9 +101,7 @@ def test_tau_at_eps_is_plain_likelihood_training(name, patch_score):
     x_t = mean + std[:, None, None, None] * z
     score = model_score(x_t, t)
     g2 = sde.sde(torch.zeros_like(batch), t)[1] ** 2
-    reference = torch.mean(
-        0.5 * torch.sum(torch.square(score + z / std[:, None, None, None]).reshape(8, -1), -1) * g2
-    )
+    reference = torch.mean(0.5 * torch.sum(torch.square(score + z / std[:, None, None, None]).reshape(8, -1), -1) * g2)
     torch.testing.assert_close(ours, reference, rtol=2e-6, atol=0)
 
 
@@ -175,9 +169,7 @@ def sgd_step(optimizer, params, step):
 
 @pytest.fixture
 def linear_score(monkeypatch):
-    monkeypatch.setattr(
-        losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: model.score
-    )
+    monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: model.score)
 
 
 def test_micro_batches_share_one_tau_and_average_gradients(monkeypatch, linear_score):

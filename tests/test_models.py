@@ -17,13 +17,9 @@ from models import layers, layerspp, ncsnpp
 from models import utils as mutils
 
 
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5
-) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
     """Elementwise |a - e| <= atol + rtol |e| (NumPy; avoids torch.testing's slow first import)."""
-    np.testing.assert_allclose(
-        actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), rtol=rtol, atol=atol
-    )
+    np.testing.assert_allclose(actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), rtol=rtol, atol=atol)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -277,9 +273,7 @@ def test_score_fn_vp_discrete():
     betas = np.linspace(0.1 / 1000, 20 / 1000, 1000)
     std = np.sqrt(1 - np.cumprod(1 - betas))
     labels = t.numpy() * 999
-    np.testing.assert_allclose(
-        score[:, 0, 0, 0].detach().numpy(), -labels / std[labels.astype(int)], rtol=1e-6
-    )
+    np.testing.assert_allclose(score[:, 0, 0, 0].detach().numpy(), -labels / std[labels.astype(int)], rtol=1e-6)
 
 
 def test_score_fn_ve_continuous_and_discrete():
@@ -340,9 +334,7 @@ def test_uddpm_label_range_and_monotone():
 
 
 def test_score_fn_uses_uddpm_label_when_unbounded_and_wrapped():
-    cfg = tiny_config(
-        training=dict(unbounded_parametrization=True, truncation_time=1e-3, stabilizing_constant=1e-3)
-    )
+    cfg = tiny_config(training=dict(unbounded_parametrization=True, truncation_time=1e-3, stabilizing_constant=1e-3))
     sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20, N=1000)
     t = torch.tensor([1e-3, 0.3, 1.0], dtype=torch.float64)
     x = torch.zeros(3, 1, 1, 1, dtype=torch.float64)
@@ -389,9 +381,7 @@ def test_ncsnpp_uses_uncsn_input_for_ve_when_unbounded():
         assert_close(unb(x, sigma), plain(x, torch.exp(u)), rtol=1e-5, atol=1e-5)
         assert (unb(x, sigma)[:2] - plain(x, sigma)[:2]).abs().max() > 1e-3
         assert_close(unb(x, sigma)[2], plain(x, sigma)[2])
-    vp_unb = mutils.create_model(
-        tiny_config(**base, training=dict(sde="vpsde", unbounded_parametrization=True))
-    )
+    vp_unb = mutils.create_model(tiny_config(**base, training=dict(sde="vpsde", unbounded_parametrization=True)))
     assert not vp_unb.unbounded_sigma_embedding  # VP's unbounded variant changes the label, not the embedding
 
 
@@ -426,17 +416,11 @@ def test_ncsnpp_variants_forward_and_backward(overrides):
     torch.manual_seed(0)
     net = mutils.create_model(tiny_config(**overrides))
     x = torch.randn(2, 3, 8, 8)
-    labels = (
-        torch.tensor([0.5, 2.0])
-        if overrides.get("embedding_type") == "fourier"
-        else torch.tensor([3.0, 800.0])
-    )
+    labels = torch.tensor([0.5, 2.0]) if overrides.get("embedding_type") == "fourier" else torch.tensor([3.0, 800.0])
     out = net(x, labels)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.square().mean().backward()
-    used = [
-        p for n, p in net.named_parameters() if p.requires_grad and (net.conditional or "Dense_0" not in n)
-    ]
+    used = [p for n, p in net.named_parameters() if p.requires_grad and (net.conditional or "Dense_0" not in n)]
     assert all(p.grad is not None for p in used)
 
 
@@ -518,12 +502,8 @@ def test_ddpm_model_forward_and_scale_by_sigma():
         sigma_max=50,
         num_scales=10,
     )
-    a = mutils.create_model(
-        make_config({"data": dict(image_size=8), "model": dict(model, scale_by_sigma=True)})
-    )
-    b = mutils.create_model(
-        make_config({"data": dict(image_size=8), "model": dict(model, scale_by_sigma=False)})
-    )
+    a = mutils.create_model(make_config({"data": dict(image_size=8), "model": dict(model, scale_by_sigma=True)}))
+    b = mutils.create_model(make_config({"data": dict(image_size=8), "model": dict(model, scale_by_sigma=False)}))
     b.load_state_dict(perturb_(a).state_dict())
     a.eval(), b.eval()
     x, labels = torch.rand(2, 3, 8, 8), torch.tensor([0, 7])

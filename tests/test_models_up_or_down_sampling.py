@@ -8,13 +8,9 @@ import torch.nn.functional as F
 from models import up_or_down_sampling as uds
 
 
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5
-) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
     """Elementwise |a - e| <= atol + rtol |e| (NumPy; avoids torch.testing's slow first import)."""
-    np.testing.assert_allclose(
-        actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), rtol=rtol, atol=atol
-    )
+    np.testing.assert_allclose(actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), rtol=rtol, atol=atol)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -65,9 +65,7 @@ def test_gaussian_integrand_matches_closed_form(name):
     gen = torch.Generator().manual_seed(0)
     x0 = MU + S * torch.randn(2000, 1, 2, 2, generator=gen, dtype=F64)
     ts = torch.tensor([1e-4, 1e-2, 0.1, 0.4, 0.9], dtype=F64)
-    est, sem = pli.loss_integrand(
-        exact_gaussian_score(sde), sde, x0, ts, n_noise=2, generator=gen, return_sem=True
-    )
+    est, sem = pli.loss_integrand(exact_gaussian_score(sde), sde, x0, ts, n_noise=2, generator=gen, return_sem=True)
     alpha, sigma, g2 = np_coeffs(name, ts.numpy())
     expected = g2 / 2 * (1 / sigma**2 - 1 / (alpha**2 * S**2 + sigma**2))
     # The analytic standard error: expected * sqrt(2 / D) / sqrt(n) with n = 4000 residuals, D = 4.
@@ -87,9 +85,7 @@ def test_mis_scaled_score_closed_form():
     ts = torch.tensor([0.3, 0.6], dtype=F64)
     good = exact_gaussian_score(sde)
     c = 0.8
-    est, sem = pli.loss_integrand(
-        lambda x, t: c * good(x, t), sde, x0, ts, n_noise=2, generator=gen, return_sem=True
-    )
+    est, sem = pli.loss_integrand(lambda x, t: c * good(x, t), sde, x0, ts, n_noise=2, generator=gen, return_sem=True)
     alpha, sigma, g2 = np_coeffs("vp", ts.numpy())
     r = alpha**2 * S**2 / (alpha**2 * S**2 + sigma**2)
     expected = g2 / (2 * sigma**2) * (r * (2 * c - c**2) + (1 - c) ** 2)
@@ -131,9 +127,7 @@ def test_st_weighting_is_expected_truncated_loss():
 def test_table_and_plot(tmp_path):
     sde = sde_lib.VPSDE()
     x0 = MU + S * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    res = pli.analyse(
-        exact_gaussian_score(sde), sde, x0, 1e-4, 6, 1, [1.0, 2.0], torch.Generator().manual_seed(1)
-    )
+    res = pli.analyse(exact_gaussian_score(sde), sde, x0, 1e-4, 6, 1, [1.0, 2.0], torch.Generator().manual_seed(1))
     table = pli.format_table(res["ts"], res["sigmas"], res["values"], res["sems"], res["shares"])
     assert len(table.splitlines()) == 2 + 6 and "k=2" in table
     assert "50% of the loss" in pli.summary(res)

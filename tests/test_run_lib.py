@@ -168,9 +168,7 @@ def reference_config():
 def test_original_checkpoint_restores_and_resumes(tmp_path):
     config, expected = reference_config()
     state = run_lib.build_state(config, config.device)
-    state = utils.restore_checkpoint(
-        os.path.join(VECTORS, "checkpoint_vp_ddpmpp_tiny.pth"), state, config.device
-    )
+    state = utils.restore_checkpoint(os.path.join(VECTORS, "checkpoint_vp_ddpmpp_tiny.pth"), state, config.device)
     assert state["step"] == 3
     model = state["model"].eval()
     with torch.no_grad():
@@ -308,9 +306,7 @@ def test_stf_training_resumes_exactly(tmp_path):
 def test_blur_corruption_trains_and_samples_from_the_checkpoint_alone(tmp_path):
     from corruption import default_blur_config
 
-    config = tiny_config(
-        n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3
-    )
+    config = tiny_config(n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3)
     config.blur = default_blur_config()
     config.blur.sigma_max = 4.0
     config.blur.num_steps = 4

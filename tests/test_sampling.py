@@ -137,9 +137,7 @@ def test_ode_sampler_counts_and_scales(monkeypatch):
         return score_fn(x, t)
 
     monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: counting)
-    sampler = sampling.get_ode_sampler(
-        sde, (8, 1, 1, 2), lambda x: 2.0 * x, denoise=True, eps=eps, device="cpu"
-    )
+    sampler = sampling.get_ode_sampler(sde, (8, 1, 1, 2), lambda x: 2.0 * x, denoise=True, eps=eps, device="cpu")
     z = prior_latent(sde, 2, (8, 1, 1, 2))
     x, nfe = sampler(None, z=z)
     assert nfe == calls["n"]  # solver evaluations + 1 for the denoising step
@@ -219,9 +217,7 @@ def test_heun_second_order_and_denoise(name):
     ref = exact_flow(sde, z, sde.T, eps)
     errs = []
     for points in (21, 41):
-        x, nfe = sampling.heun_sample(
-            sde, score_fn, z, sampling.fast_time_grid(sde, points, eps, "edm"), False
-        )
+        x, nfe = sampling.heun_sample(sde, score_fn, z, sampling.fast_time_grid(sde, points, eps, "edm"), False)
         assert nfe == 2 * (points - 1)
         errs.append(float((x - ref).abs().max()))
     assert math.log2(errs[0] / errs[1]) > 1.65, errs
@@ -388,9 +384,7 @@ def test_get_sampling_fn_dispatch(monkeypatch):
         fn = sampling.get_sampling_fn(make_config(method, nfe=35), sde, shape, lambda x: x, eps)
         x, nfe = fn(None, z=z) if method != "pc" else fn(None)
         assert nfe == nfe_expected and x.shape == shape
-    fn = sampling.get_sampling_fn(
-        make_config("ode", ode_rtol=1e-3, ode_atol=1e-3), sde, shape, lambda x: x, eps
-    )
+    fn = sampling.get_sampling_fn(make_config("ode", ode_rtol=1e-3, ode_atol=1e-3), sde, shape, lambda x: x, eps)
     x, nfe = fn(None, z=z)
     assert (x.to(torch.float64) - exact_flow(sde, z, sde.T, eps)).abs().max() < 0.05
     cfg = make_config("dpm_solver", nfe=12, dpm_solver_order=2, noise_removal=True)

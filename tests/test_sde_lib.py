@@ -106,11 +106,7 @@ def _euler_maruyama(sde, grid, x, checkpoints, gen):
         t = torch.full((P,), float(grid[i]), dtype=F64)
         dt = float(grid[i + 1] - grid[i])
         drift, diffusion = sde.sde(x, t)
-        x = (
-            x
-            + drift * dt
-            + diffusion[:, None] * math.sqrt(dt) * torch.randn(x.shape, generator=gen, dtype=F64)
-        )
+        x = x + drift * dt + diffusion[:, None] * math.sqrt(dt) * torch.randn(x.shape, generator=gen, dtype=F64)
         if i + 1 in checkpoints:
             out[i + 1] = x.clone()
     return out
@@ -288,9 +284,7 @@ def test_vp_discrete_attributes_and_ddpm_discretize():
     np.testing.assert_allclose(sde.discrete_betas.numpy(), betas, rtol=1e-6)
     np.testing.assert_allclose(sde.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
     np.testing.assert_allclose(sde.sqrt_alphas_cumprod.numpy(), np.sqrt(np.cumprod(1 - betas)), rtol=1e-5)
-    np.testing.assert_allclose(
-        sde.sqrt_1m_alphas_cumprod.numpy(), np.sqrt(1 - np.cumprod(1 - betas)), rtol=1e-4
-    )
+    np.testing.assert_allclose(sde.sqrt_1m_alphas_cumprod.numpy(), np.sqrt(1 - np.cumprod(1 - betas)), rtol=1e-4)
     t = torch.tensor([0.0, 0.33, 0.999, 1.0])
     x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     f, G = sde.discretize(x, t)
@@ -302,9 +296,7 @@ def test_vp_discrete_attributes_and_ddpm_discretize():
     # Reverse discretisation: rev_f = f - G^2 score.
     score_fn = gaussian_score(sde)
     rf, rG = sde.reverse(score_fn).discretize(x, t)
-    np.testing.assert_allclose(
-        rf.numpy(), (f - G[:, None, None, None] ** 2 * score_fn(x, t)).numpy(), rtol=1e-6
-    )
+    np.testing.assert_allclose(rf.numpy(), (f - G[:, None, None, None] ** 2 * score_fn(x, t)).numpy(), rtol=1e-6)
     assert torch.equal(rG, G)
     rf_pf, rG_pf = sde.reverse(score_fn, probability_flow=True).discretize(x, t)
     assert torch.all(rG_pf == 0)
@@ -356,9 +348,7 @@ def _ratio_np(name, t):
 
 def _quad_ratio(name, a, b):
     """int_a^b g^2/sigma^2 dt by adaptive quadrature in log t (the integrand is ~1/t or 1/t^2 near 0)."""
-    val, _ = scipy.integrate.quad(
-        lambda u: _ratio_np(name, np.exp(u)) * np.exp(u), np.log(a), np.log(b), limit=200
-    )
+    val, _ = scipy.integrate.quad(lambda u: _ratio_np(name, np.exp(u)) * np.exp(u), np.log(a), np.log(b), limit=200)
     return val
 
 
@@ -401,9 +391,7 @@ def test_importance_samples_pass_ks(name, tau):
     t = sde.sample_importance_t(4000, tau, generator=torch.Generator().manual_seed(11), dtype=F64)
     assert t.shape == (4000,) and t.dtype == F64
     assert torch.all(t >= tau) and torch.all(t <= 1.0) and torch.isfinite(t).all()
-    res = scipy.stats.kstest(
-        t.numpy(), lambda s: sde.importance_cdf(torch.as_tensor(s, dtype=F64), tau).numpy()
-    )
+    res = scipy.stats.kstest(t.numpy(), lambda s: sde.importance_cdf(torch.as_tensor(s, dtype=F64), tau).numpy())
     assert res.pvalue > 1e-3, res
     # A float and a 0-dim tensor tau give the same draws; float32 is the default output dtype.
     t2 = sde.sample_importance_t(4000, torch.tensor(tau), generator=torch.Generator().manual_seed(11))
@@ -438,13 +426,9 @@ K_VALUES = [0.0, 0.9, 1.0, 2.0, 5.0]
 @pytest.mark.parametrize("k", K_VALUES)
 def test_truncation_sampler_ks(k):
     eps = 1e-5
-    tau = sde_lib.sample_truncation_time(
-        k, eps, size=(4000,), generator=torch.Generator().manual_seed(7), dtype=F64
-    )
+    tau = sde_lib.sample_truncation_time(k, eps, size=(4000,), generator=torch.Generator().manual_seed(7), dtype=F64)
     assert torch.all(tau >= eps) and torch.all(tau <= 1.0)
-    res = scipy.stats.kstest(
-        tau.numpy(), lambda s: sde_lib.truncation_cdf(torch.as_tensor(s), k, eps).numpy()
-    )
+    res = scipy.stats.kstest(tau.numpy(), lambda s: sde_lib.truncation_cdf(torch.as_tensor(s), k, eps).numpy())
     assert res.pvalue > 1e-3, res
     if k == 0.0:
         assert scipy.stats.kstest(tau.numpy(), scipy.stats.uniform(eps, 1 - eps).cdf).pvalue > 1e-3
@@ -456,9 +440,7 @@ def test_truncation_cdf_matches_quadrature_and_density(k):
     eps, T = 1e-4, 1.0
     norm = scipy.integrate.quad(lambda u: np.exp(u) ** (1 - k), np.log(eps), np.log(T))[0]
     taus = np.geomspace(eps, T, 7)[1:-1]
-    expected = [
-        scipy.integrate.quad(lambda u: np.exp(u) ** (1 - k), np.log(eps), np.log(s))[0] / norm for s in taus
-    ]
+    expected = [scipy.integrate.quad(lambda u: np.exp(u) ** (1 - k), np.log(eps), np.log(s))[0] / norm for s in taus]
     cdf = sde_lib.truncation_cdf(torch.tensor(taus, dtype=F64), k, eps, T).numpy()
     np.testing.assert_allclose(cdf, expected, rtol=1e-8)
     # Finite differences where F is not saturated (tau within 8 eps), h = 1e-5 tau.
@@ -483,9 +465,7 @@ def test_truncation_extreme_k():
     big = sde_lib.sample_truncation_time(1000.0, eps, size=(1000,), generator=gen, dtype=F64)
     assert torch.isfinite(big).all() and torch.all(big >= eps) and torch.all(big < eps * 1.02)
     # Continuity at k = 1: the same uniforms give nearly the same tau.
-    a = sde_lib.sample_truncation_time(
-        1.0, eps, size=(100,), generator=torch.Generator().manual_seed(1), dtype=F64
-    )
+    a = sde_lib.sample_truncation_time(1.0, eps, size=(100,), generator=torch.Generator().manual_seed(1), dtype=F64)
     b = sde_lib.sample_truncation_time(
         1.0 + 1e-9, eps, size=(100,), generator=torch.Generator().manual_seed(1), dtype=F64
     )

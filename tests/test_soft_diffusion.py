@@ -95,9 +95,7 @@ def test_one_image_dataset_momentum_sampler_returns_the_image():
     assert nfe == 40 and len(net.inputs) == 40
     assert torch.allclose(out, ((x0 + 1) / 2).expand(batch, -1, -1, -1), atol=1e-12)
     # labels are 999 t on the grid from T to eps
-    assert math.isclose(net.inputs[0][1][0].item(), 999.0) and math.isclose(
-        net.inputs[-1][1][0].item(), 0.999
-    )
+    assert math.isclose(net.inputs[0][1][0].item(), 999.0) and math.isclose(net.inputs[-1][1][0].item(), 0.999)
     # the last state x_eps = C_eps x0 + r: r follows r' = (s'^2/s^2) r + sqrt(s^2 - s'^2) eta
     # from r_T ~ N(0, s_T^2)
     ts = np.linspace(1.0, 1e-3, 40)

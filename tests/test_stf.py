@@ -86,9 +86,7 @@ def test_whole_dataset_reference_gives_empirical_score(sde):
     alpha = np.array([MARGINALS[sde](ti)[0] for ti in t])
     std = np.array([MARGINALS[sde](ti)[1] for ti in t])
     src = rng.integers(0, len(data), size=len(t))
-    x_t = alpha[:, None, None, None] * data[src] + std[:, None, None, None] * rng.standard_normal(
-        (len(t), 3, 4, 4)
-    )
+    x_t = alpha[:, None, None, None] * data[src] + std[:, None, None, None] * rng.standard_normal((len(t), 3, 4, 4))
     expected = numpy_empirical_score(x_t, alpha, std, data)
     got = stf.stf_score_target(
         torch.tensor(x_t, dtype=torch.float32),
@@ -117,9 +115,7 @@ def test_weights_and_x0_target_against_numpy():
     own = rng.normal(size=(3, 5))
     alpha, std = np.array([0.9, 0.5, 1.0]), np.array([0.3, 1.0, 3.0])
     x_t = alpha[:, None] * own + std[:, None] * rng.normal(size=(3, 5))
-    full = np.concatenate(
-        [own[:, None, :], np.broadcast_to(ref, (3, 10, 5))], axis=1
-    )  # per-sample refs [3, 11, 5]
+    full = np.concatenate([own[:, None, :], np.broadcast_to(ref, (3, 10, 5))], axis=1)  # per-sample refs [3, 11, 5]
     log_w = -((x_t[:, None, :] - alpha[:, None, None] * full) ** 2).sum(-1) / (2 * std[:, None] ** 2)
     w = np.exp(log_w - logsumexp(log_w, axis=1, keepdims=True))
     xbar = (w[:, :, None] * full).sum(1)
@@ -347,9 +343,7 @@ def test_sampler_with_datasets_train_set():
     config.data.num_train, config.data.num_eval = 128, 16
     train_set = datasets.get_train_dataset(config)
     images = train_set.get_batch(torch.arange(len(train_set)), augment=False).reshape(len(train_set), -1)
-    flipped = (
-        train_set.get_batch(torch.arange(len(train_set)), augment=False).flip(-1).reshape(len(train_set), -1)
-    )
+    flipped = train_set.get_batch(torch.arange(len(train_set)), augment=False).flip(-1).reshape(len(train_set), -1)
     sampler = stf.ReferenceBatchSampler(train_set, n=264, seed=0, scaler=datasets.get_data_scaler(config))
     extra = sampler.sample(64)
     assert extra.shape == (200, 3, 16, 16) and extra.min() >= -1 and extra.max() <= 1  # centered scaler

@@ -180,23 +180,13 @@ def main(argv=None) -> None:
     from ml_collections import config_flags
 
     flags_obj = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "config file with a config.blur section", flag_values=flags_obj
-    )
+    config_flags.DEFINE_config_file("config", None, "config file with a config.blur section", flag_values=flags_obj)
     flags.DEFINE_string("out", "blur_schedule.json", "output schedule file (json)", flag_values=flags_obj)
-    flags.DEFINE_integer(
-        "num_candidates", 256, "candidate blur levels (geometric in sigma)", flag_values=flags_obj
-    )
+    flags.DEFINE_integer("num_candidates", 256, "candidate blur levels (geometric in sigma)", flag_values=flags_obj)
     flags.DEFINE_integer("num_levels", 32, "levels kept with equal W2 increments", flag_values=flags_obj)
-    flags.DEFINE_float(
-        "budget", None, "W2 budget per step: keep a shortest path instead", flag_values=flags_obj
-    )
-    flags.DEFINE_integer(
-        "num_batches", 50, "training batches used for the Gaussian fit", flag_values=flags_obj
-    )
-    flags.DEFINE_boolean(
-        "with_noise", False, "add noise_min^2 to the fitted variances", flag_values=flags_obj
-    )
+    flags.DEFINE_float("budget", None, "W2 budget per step: keep a shortest path instead", flag_values=flags_obj)
+    flags.DEFINE_integer("num_batches", 50, "training batches used for the Gaussian fit", flag_values=flags_obj)
+    flags.DEFINE_boolean("with_noise", False, "add noise_min^2 to the fitted variances", flag_values=flags_obj)
     flags_obj(sys.argv if argv is None else argv)
     config = flags_obj.config
     if config is None:

@@ -85,9 +85,7 @@ def loss_integrand(
         sq = torch.cat(per_sample)
         weight = 0.5 * float(sde.likelihood_weight_ratio(torch.tensor([t_value], dtype=torch.float64)))
         values.append(weight * sq.mean())
-        sems.append(
-            weight * sq.std() / math.sqrt(sq.numel()) if sq.numel() > 1 else torch.tensor(float("nan"))
-        )
+        sems.append(weight * sq.std() / math.sqrt(sq.numel()) if sq.numel() > 1 else torch.tensor(float("nan")))
     values_t = torch.stack(values).cpu()
     if return_sem:
         return values_t, torch.stack([torch.as_tensor(s) for s in sems]).cpu()
@@ -123,9 +121,7 @@ def format_table(ts, sigmas, values, sems, shares: dict[str, torch.Tensor]) -> s
     rows = [head, "-" * len(head)]
     for i in range(len(ts)):
         cells = " ".join(f"{float(shares[n][i]):9.4f}" for n in names)
-        first = (
-            f"{float(ts[i]):10.3e} {float(sigmas[i]):10.3e} {float(values[i]):11.4e} {float(sems[i]):9.2e}"
-        )
+        first = f"{float(ts[i]):10.3e} {float(sigmas[i]):10.3e} {float(values[i]):11.4e} {float(sems[i]):9.2e}"
         rows.append(f"{first} {cells}")
     return "\n".join(rows)
 
@@ -209,9 +205,7 @@ def find_checkpoint(workdir: str) -> str:
     folder = os.path.join(workdir, "checkpoints")
     numbers = []
     if os.path.isdir(folder):
-        numbers = [
-            int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"checkpoint_(\d+)\.pth$", n))
-        ]
+        numbers = [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"checkpoint_(\d+)\.pth$", n))]
     if numbers:
         return os.path.join(folder, f"checkpoint_{max(numbers)}.pth")
     meta = os.path.join(workdir, "checkpoints-meta", "checkpoint.pth")
@@ -264,12 +258,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--num_t", type=int, default=30, help="number of log-spaced times in [eps, T]")
     parser.add_argument("--batch", type=int, default=64, help="data samples x0 per time")
     parser.add_argument("--n_noise", type=int, default=2, help="noise draws z per sample and time")
-    parser.add_argument(
-        "--eps", type=float, default=None, help="smallest t (default training.truncation_time)"
-    )
-    parser.add_argument(
-        "--ks", type=float, nargs="*", default=[1.0, 2.0], help="Soft Truncation k to compare"
-    )
+    parser.add_argument("--eps", type=float, default=None, help="smallest t (default training.truncation_time)")
+    parser.add_argument("--ks", type=float, nargs="*", default=[1.0, 2.0], help="Soft Truncation k to compare")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--device", default="", help="override config.device (e.g. cpu)")
     parser.add_argument("--seed", type=int, default=0)

@@ -204,9 +204,7 @@ def plot(stats: dict, path: str, title: str = "") -> None:
         ax2.loglog(sigma, stats["stf_bias2"][k].abs().clamp_min(1e-12).numpy(), "-o", color=color, ms=3,
                    label=f"|STF| n={n}")  # fmt: skip
     ax1.set(xlabel="sigma", ylabel="tr Cov[eps target | x_t] / D", title="trace of covariance")
-    ax2.set(
-        xlabel="sigma", ylabel="||bias||^2 / D", title="squared bias vs exact score (STF: MC noise level)"
-    )
+    ax2.set(xlabel="sigma", ylabel="||bias||^2 / D", title="squared bias vs exact score (STF: MC noise level)")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
