@@ -84,7 +84,7 @@ def draw_probe(x: torch.Tensor, hutchinson_type: str) -> torch.Tensor | None:
         return torch.randint_like(x, low=0, high=2) * 2.0 - 1.0
     if hutchinson_type == "exact":
         return None
-    raise NotImplementedError(
+    raise ValueError(
         f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES} (config.eval.hutchinson_type)."
     )
 
@@ -188,7 +188,7 @@ def ode_likelihood(
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
     if hutchinson_type not in _HUTCHINSON_TYPES:
-        raise NotImplementedError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
+        raise ValueError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps={eps} must lie in (0, T={sde.T}).")
     shape, dtype, device = data.shape, data.dtype, data.device
@@ -263,7 +263,7 @@ def get_likelihood_fn(
     likelihood_fn.from_score(score_fn, data) does the same for any score function score_fn(x, t).
     """
     if hutchinson_type not in _HUTCHINSON_TYPES:
-        raise NotImplementedError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
+        raise ValueError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
     offset = bpd_offset(inverse_scaler)

@@ -226,7 +226,7 @@ def get_score_fn(sde, model: torch.nn.Module, train: bool = False, continuous: b
 
         return score_fn
 
-    raise NotImplementedError(
+    raise ValueError(
         f"SDE class {sde.__class__.__name__} is not supported by get_score_fn; use sde_lib.VPSDE, subVPSDE, "
         "VESDE or RVESDE, or give the corruption object a get_score_fn(model, train, continuous) method."
     )

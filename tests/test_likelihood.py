@@ -153,7 +153,7 @@ def test_bpd_offset_uncentered_and_errors():
     assert likelihood.bpd_offset(lambda x: (x + 1.0) / 2.0) == 7.0
     assert likelihood.bpd_offset(lambda x: x) == 8.0
     sde = sde_lib.VPSDE()
-    with pytest.raises(NotImplementedError, match="Hutchinson"):
+    with pytest.raises(ValueError, match="Hutchinson"):
         likelihood.get_likelihood_fn(sde, inverse_scaler, hutchinson_type="gauss")
     with pytest.raises(ValueError, match="truncation"):
         likelihood.get_likelihood_fn(sde, inverse_scaler, truncation="soft")

@@ -307,7 +307,7 @@ def test_score_fn_delegates_to_corruption():
         True,
         True,
     )
-    with pytest.raises(NotImplementedError, match="not supported"):
+    with pytest.raises(ValueError, match="not supported"):
         mutils.get_score_fn(object(), net)
 
 

@@ -474,10 +474,6 @@ def test_samplers_through_models_utils(name):
 
 def test_soft_diffusion_methods_register_lazily(monkeypatch):
     """'naive_blur' / 'momentum' come from soft_diffusion.py, imported only when asked for."""
-    import importlib.util
-
-    if importlib.util.find_spec("soft_diffusion") is None:
-        pytest.skip("soft_diffusion.py is not in this checkout")
     for name in ("naive_blur", "momentum"):
         monkeypatch.delitem(sampling._SAMPLING_METHODS, name, raising=False)
     monkeypatch.delitem(sys.modules, "soft_diffusion", raising=False)
