@@ -15,6 +15,7 @@ where reduce is score_sde's (mean over dimensions, or 0.5 * sum), w = lambda / s
 convention) or 1/2 (Soft Truncation repository convention, training.loss_convention).
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.optim as optim
 
+import distributed
 import sde_lib
 from models import utils as mutils
 
@@ -336,15 +338,22 @@ def get_step_fn(
 
         optimizer = state["optimizer"]
         optimizer.zero_grad(set_to_none=True)
+        # one tau per optimisation step, shared by the micro-batches and by all data-parallel ranks
         tau = sample_tau(st, k, eps, sde.T)
+        if st:
+            tau = distributed.broadcast_float(tau, batch.device)
         chunks = torch.tensor_split(batch, num_micro_batch)
         if any(c.shape[0] == 0 for c in chunks):
             raise ValueError(f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.")
         total = torch.zeros((), device=batch.device)
-        for chunk in chunks:
-            loss = torch.mean(batch_losses(model, chunk, tau, reference))
-            (loss * chunk.shape[0] / batch.shape[0]).backward()
+        for i, chunk in enumerate(chunks):
+            # DistributedDataParallel: average the gradients across ranks once, after the last micro-batch
+            defer_sync = hasattr(model, "no_sync") and i < len(chunks) - 1
+            with model.no_sync() if defer_sync else contextlib.nullcontext():
+                loss = torch.mean(batch_losses(model, chunk, tau, reference))
+                (loss * chunk.shape[0] / batch.shape[0]).backward()
             total = total + loss.detach() * chunk.shape[0] / batch.shape[0]
+        total = distributed.all_reduce_mean(total)  # every rank takes the same skip decision
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,7 @@
-"""Entry point: python main.py --config CONFIG_FILE --workdir DIR --mode train|eval|sample [--config.FIELD=VALUE]."""
+"""Entry point: python main.py --config CONFIG_FILE --workdir DIR --mode train|eval|sample [--config.FIELD=VALUE].
+
+Data-parallel training on G GPUs: torchrun --nproc_per_node=G main.py ... --mode train.
+"""
 
 import logging
 import os
@@ -7,6 +10,7 @@ import torch
 from absl import app, flags
 from ml_collections.config_flags import config_flags
 
+import distributed
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -28,8 +32,17 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     if FLAGS.mode == "train":
-        run_lib.train(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
+        try:
+            run_lib.train(config, FLAGS.workdir)  # joins torchrun's process group when launched by torchrun
+        finally:
+            distributed.shutdown()
+        return
+    if distributed.launched_by_torchrun():
+        raise app.UsageError(
+            f"--mode {FLAGS.mode} runs in one process: start it with python main.py, not torchrun "
+            "(only --mode train is data-parallel)."
+        )
+    if FLAGS.mode == "eval":
         run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
     else:
         run_lib.sample(config, FLAGS.workdir, FLAGS.eval_folder)

@@ -11,6 +11,7 @@ Work directory layout (score_sde's):
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ import torchvision
 from tqdm import tqdm
 
 import datasets
+import distributed
 import losses
 import sde_lib
 from models import utils as mutils
@@ -41,6 +43,12 @@ def validate_config(config) -> None:
         raise ValueError(f"training.corruption={corruption!r} is not one of {VALID_CORRUPTIONS}.")
     if corruption == "gaussian":
         sde_lib.get_sde(config)  # raises on an unknown training.sde
+        if training.sde.lower() in ("vpsde", "subvpsde") and model.beta_max >= model.num_scales:
+            raise ValueError(
+                f"model.num_scales={model.num_scales} is too small for model.beta_max={model.beta_max}: the "
+                "discrete betas beta_max / num_scales reach 1, so the reverse-diffusion, ancestral and DDPM "
+                "steps take square roots of negative numbers. Use num_scales > beta_max (1000 is standard)."
+            )
     if model.name not in mutils._MODELS:
         raise ValueError(f"model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}.")
     eps = float(training.get("truncation_time", 1e-5))
@@ -97,19 +105,24 @@ def get_device(config) -> torch.device:
 
 class PositionBatchSampler(torch.utils.data.Sampler):
     """Index batches from position `start` on; batch p depends only on (seed, p): epoch p // n_batches is a
-    permutation seeded by (seed, epoch), so a resumed run draws exactly the batches of an uninterrupted one."""
+    permutation seeded by (seed, epoch), so a resumed run draws exactly the batches of an uninterrupted one.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0):
+    With data parallelism (world_size > 1) batch_size is the global batch and rank r gets the r-th contiguous
+    slice of it, so the ranks' slices concatenated in rank order are the single-process batch.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size=1):
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, int(seed), int(start)
         self.batches_per_epoch = num_items // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"The training set has {num_items} images, fewer than training.batch_size={batch_size}.")
+        self.lo, self.hi = rank_slice(batch_size, rank, world_size)
 
     def indices(self, position: int) -> list:
         epoch, i = divmod(position, self.batches_per_epoch)
         gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         perm = torch.randperm(self.num_items, generator=gen)
-        return perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+        return perm[i * self.batch_size : (i + 1) * self.batch_size][self.lo : self.hi].tolist()
 
     def __iter__(self):
         position = self.start
@@ -118,16 +131,40 @@ class PositionBatchSampler(torch.utils.data.Sampler):
             position += 1
 
 
+def rank_slice(batch_size: int, rank: int, world_size: int) -> tuple:
+    """[lo, hi): the part of a global batch that data-parallel rank `rank` of `world_size` trains on."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"training.batch_size={batch_size} (the global batch) is not divisible by the {world_size} "
+            "data-parallel processes: choose a multiple of the process count."
+        )
+    local = batch_size // world_size
+    return rank * local, (rank + 1) * local
+
+
 class TrainStream:
     """Deterministic, resumable training batches (float32 [B, C, H, W] in [0, 1]).
 
     Images are fetched as uint8 (by config.data.num_workers worker processes when > 0) in the order of
-    PositionBatchSampler; the random flip of batch p is drawn from a generator seeded by (seed, p).
+    PositionBatchSampler; the random flip of batch p is drawn from a generator seeded by (seed, p). With
+    world_size > 1 the stream yields rank `rank`'s slice of each global batch (flips included).
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, random_flip: bool, position: int = 0, num_workers=0):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        seed: int,
+        random_flip: bool,
+        position: int = 0,
+        num_workers=0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.seed, self.random_flip, self.position = int(seed), random_flip, int(position)
-        sampler = PositionBatchSampler(len(dataset), batch_size, seed, start=position)
+        self.batch_size = int(batch_size)
+        sampler = PositionBatchSampler(len(dataset), batch_size, seed, start=position, rank=rank, world_size=world_size)
+        self.lo, self.hi = sampler.lo, sampler.hi
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -146,7 +183,8 @@ class TrainStream:
         images = next(self._batches)[0]
         if self.random_flip:
             gen = torch.Generator().manual_seed(self.seed * 1000003 + self.position)
-            images = datasets.random_flip(images, gen)
+            flip = (torch.rand(self.batch_size, generator=gen) < 0.5)[self.lo : self.hi]
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         self.position += 1
         return datasets.to_float(images)
 
@@ -210,11 +248,14 @@ def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str)
     _save_grid(sample, folder)
 
 
-def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None) -> torch.Tensor | None:
+def _reference_batch(
+    ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None, gather: bool = True
+) -> torch.Tensor | None:
     """STF reference batch: the step's own sources first, then extra training images (scaled like the batch).
 
-    With `seed` (the training step's position) the extra draws depend only on it, so a resumed run draws the same
-    references. With training.stf_gather the references of all data-parallel ranks are concatenated.
+    With `seed` (the training step's position and the rank) the extra draws depend only on it, so a resumed run
+    draws the same references. With training.stf_gather (and gather=True) the references of all data-parallel
+    ranks are concatenated in rank order.
     """
     if ref_sampler is None:
         return None
@@ -222,7 +263,7 @@ def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None 
         ref_sampler.generator.manual_seed(seed)
     extra = ref_sampler.sample(batch.shape[0])
     reference = batch if extra.shape[0] == 0 else torch.cat([batch, scaler(extra.to(batch.device))], dim=0)
-    if getattr(ref_sampler, "gather", False):
+    if gather and getattr(ref_sampler, "gather", False):
         import stf
 
         reference = stf.gather_reference_batch(reference)
@@ -232,25 +273,35 @@ def _reference_batch(ref_sampler, batch: torch.Tensor, scaler, seed: int | None 
 def train(config, workdir: str) -> dict:
     """Train a score model; resumes automatically from WORKDIR/checkpoints-meta/checkpoint.pth.
 
-    Returns the final training state (model, ema, optimizer, step).
+    Under torchrun (several processes) each rank trains on its slice of the global batch with
+    DistributedDataParallel; rank 0 alone writes logs, checkpoints and samples. Returns the final training state
+    (model, ema, optimizer, step).
     """
     validate_config(config)
-    _setup_logging(workdir)
-    device = get_device(config)
-    torch.manual_seed(config.seed)
+    device = distributed.init_from_env(get_device(config))
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    is_main = rank == 0
+    rank_slice(int(config.training.batch_size), rank, world_size)  # a global batch the ranks cannot share stops here
+    if device != get_device(config):
+        with config.unlocked():
+            config.device = device
+    if is_main:
+        _setup_logging(workdir)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
     np.random.seed(config.seed % 2**32)
 
     sample_dir = os.path.join(workdir, "samples")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpoint_meta_dir = os.path.join(workdir, "checkpoints-meta", "checkpoint.pth")
-    os.makedirs(checkpoint_dir, exist_ok=True)
+    if is_main:
+        os.makedirs(checkpoint_dir, exist_ok=True)
 
     state = build_state(config, device)
     state = restore_checkpoint(checkpoint_meta_dir, state, device)
     initial_step = int(state["step"])
     rng = state.pop("rng", None)
+    _set_rank_rng(rng, config.seed, initial_step, rank, world_size)
     if rng is not None:
-        set_rng_state(rng)
         logging.info("Resumed from %s at step %d.", checkpoint_meta_dir, initial_step)
 
     sde, sampling_eps = get_corruption(config)
@@ -270,6 +321,8 @@ def train(config, workdir: str) -> dict:
         bool(config.data.random_flip),
         position=position,
         num_workers=int(config.data.get("num_workers", 0)),
+        rank=rank,
+        world_size=world_size,
     )
     _, eval_ds, _ = datasets.get_dataset(
         config, uniform_dequantization=config.data.get("uniform_dequantization", False), evaluation=False
@@ -289,24 +342,38 @@ def train(config, workdir: str) -> dict:
     train_step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize_fn)
     eval_step_fn = losses.get_step_fn_from_config(config, sde, train=False, optimize_fn=optimize_fn)
 
+    network = state["model"]
+    if world_size > 1:
+        state["model"] = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     training = config.training
     num_train_steps = int(training.n_iters)
     max_nonfinite = int(training.get("max_nonfinite_steps", 10))
     nonfinite_run = 0
     dequantize = bool(config.data.get("uniform_dequantization", False))
-    logging.info("Config:\n%s", config)
-    logging.info("Starting training loop at step %d of %d.", initial_step, num_train_steps)
-    progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+    if is_main:
+        logging.info("Config:\n%s", config)
+        logging.info(
+            "Starting training loop at step %d of %d (%d process%s).",
+            initial_step,
+            num_train_steps,
+            world_size,
+            "es" if world_size > 1 else "",
+        )
+    progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True, disable=not is_main)
     start_time = time.time()
     while state["step"] < num_train_steps:
         batch = next(stream).to(device, non_blocking=True)
         if dequantize:
             batch = (batch * 255.0 + torch.rand_like(batch)) / 256.0
         batch = scaler(batch)
-        reference = _reference_batch(ref_sampler, batch, scaler, seed=config.seed * 1000033 + stream.position)
+        ref_seed = (config.seed * 1000033 + stream.position) * world_size + rank
+        reference = _reference_batch(ref_sampler, batch, scaler, seed=ref_seed)
         loss = train_step_fn(state, batch, reference=reference)
         if state["nonfinite"]:
             nonfinite_run += 1
@@ -326,32 +393,64 @@ def train(config, workdir: str) -> dict:
         nonfinite_run = 0
         step = int(state["step"])
         progress.update(1)
-        if step % training.log_freq == 0 or step == num_train_steps:
+        if is_main and (step % training.log_freq == 0 or step == num_train_steps):
             loss_value = float(loss)
             logging.info("step: %d, training_loss: %.5e", step, loss_value)
             writer.add_scalar("training_loss", loss_value, step)
             progress.set_postfix(loss=f"{loss_value:.4g}")
         if step % training.snapshot_freq_for_preemption == 0 or step == num_train_steps:
-            state["rng"] = dict(get_rng_state(), data_position=torch.tensor(stream.position))
-            save_checkpoint(checkpoint_meta_dir, state)
-            state.pop("rng")
-        if step % training.eval_freq == 0:
+            rank_states = distributed.gather_objects(get_rng_state())  # a collective: every rank takes part
+            if is_main:
+                state["rng"] = dict(rank_states[0], data_position=torch.tensor(stream.position))
+                if world_size > 1:
+                    state["rng"]["rank_states"] = rank_states
+                save_checkpoint(checkpoint_meta_dir, state)
+                state.pop("rng")
+        single = dict(state, model=network)  # evaluation and sampling run on rank 0 without the DDP wrapper
+        if is_main and step % training.eval_freq == 0:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 eval_batch = scaler(next(eval_iter)["image"].to(device))
-                eval_reference = _reference_batch(ref_sampler, eval_batch, scaler)
-                eval_loss = float(eval_step_fn(state, eval_batch, reference=eval_reference))
+                eval_reference = _reference_batch(ref_sampler, eval_batch, scaler, gather=False)
+                eval_loss = float(eval_step_fn(single, eval_batch, reference=eval_reference))
             logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
-        if step % training.snapshot_freq == 0 or step == num_train_steps:
+        if is_main and (step % training.snapshot_freq == 0 or step == num_train_steps):
             save_step = step // training.snapshot_freq  # score_sde's numbering
             save_checkpoint(os.path.join(checkpoint_dir, f"checkpoint_{save_step}.pth"), state)
             if training.snapshot_sampling:
-                snapshot_samples(config, state, sde, sampling_eps, os.path.join(sample_dir, f"iter_{step}"))
+                snapshot_samples(config, single, sde, sampling_eps, os.path.join(sample_dir, f"iter_{step}"))
     progress.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
+    state["model"] = network
+    distributed.barrier()
     logging.info("Training finished at step %d (%.1f s).", state["step"], time.time() - start_time)
     return state
+
+
+def _set_rank_rng(rng: dict | None, seed: int, step: int, rank: int, world_size: int) -> None:
+    """Random-number state of this rank after (re)start.
+
+    One process: the saved state (exact resume) or the seed already set. Several: the saved state of this rank
+    when the run was saved with the same process count (exact resume), else a seed derived from (seed, step,
+    rank), so that the ranks draw different noise.
+    """
+    saved = rng.get("rank_states") if rng is not None else None
+    if world_size == 1:
+        if rng is not None:
+            set_rng_state(rng)
+    elif saved is not None and len(saved) == world_size:
+        set_rng_state(saved[rank])
+    else:
+        if rng is not None:
+            logging.warning(
+                "The checkpoint was written by a different number of processes: the random streams of the "
+                "ranks are re-seeded (training continues correctly, but not bit-identically)."
+            )
+        torch.manual_seed(seed * 1000003 + step * 1009 + rank)
+        np.random.seed((seed * 7919 + step * 31 + rank) % 2**32)
+        random.seed(seed * 104729 + step * 13 + rank)
 
 
 def _prior_fit_images(config, train_set) -> torch.Tensor:

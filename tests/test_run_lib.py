@@ -138,6 +138,7 @@ def test_nan_losses_skip_then_stop(tmp_path, monkeypatch):
         ("training", "truncation_time", 0.0, "truncation_time"),
         ("data", "image_size", 9, "divisible"),
         ("training", "corruption", "salt", "corruption"),
+        ("model", "num_scales", 10, "num_scales=10 is too small"),
     ],
 )
 def test_invalid_config_is_rejected_before_training(tmp_path, section, field, value, match):
