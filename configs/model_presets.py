@@ -53,3 +53,21 @@ def set_ncsnpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model.embedding_type = "fourier"
     config.data.centered = False
     return config
+
+
+def set_ddpm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The original DDPM network (Ho et al. 2020) as score_sde configures it for VP / sub-VP: 2 blocks, EMA 0.9999."""
+    model = config.model
+    model.name = "ddpm"
+    model.scale_by_sigma = False
+    model.ema_rate = 0.9999
+    model.normalization = "GroupNorm"
+    model.nonlinearity = "swish"
+    model.nf = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.resamp_with_conv = True
+    model.conditional = True
+    config.data.centered = True
+    return config
