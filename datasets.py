@@ -82,6 +82,7 @@ import os
 import pickle
 import tarfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -181,6 +182,30 @@ class _Batch(NamedTuple):
     labels: torch.Tensor
 
 
+class Batch(dict):
+    """A loader batch {'image': float32 [B, C, H, W], 'label': int64 [B]}.
+
+    batch['image']._numpy() also gives the images the way score_sde's TensorFlow pipeline did (a NumPy array
+    [B, H, W, C]), so its scripts and notebooks, which do
+    torch.from_numpy(batch['image']._numpy()).permute(0, 3, 1, 2), run unchanged.
+    """
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if key == "image" and isinstance(value, torch.Tensor) and "_numpy" not in value.__dict__:
+            value._numpy = _channels_last_numpy(weakref.ref(value))
+        return value
+
+
+def _channels_last_numpy(image_ref: weakref.ref) -> Callable[[], np.ndarray]:
+    """The TF-style accessor of Batch: images [B, C, H, W] -> NumPy [B, H, W, C] (a weak reference: no cycle)."""
+
+    def _numpy() -> np.ndarray:
+        return np.ascontiguousarray(image_ref().detach().cpu().permute(0, 2, 3, 1).numpy())
+
+    return _numpy
+
+
 class ImageDataset(Dataset, abc.ABC):
     """Random-access image dataset holding uint8 images; subclasses implement fetch(indices).
 
@@ -241,7 +266,7 @@ class ImageDataset(Dataset, abc.ABC):
         else:
             images = torch.stack([item[0] for item in data])
             labels = torch.as_tensor([int(item[1]) for item in data], dtype=torch.int64)
-        return {"image": self.convert(images), "label": labels}
+        return Batch(image=self.convert(images), label=labels)
 
     def get_batch(self, indices, augment: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """float32 images [n, C, H, W] in [0, 1], augmented like this split's loader when augment."""

@@ -499,11 +499,13 @@ def pc_sample(
     probability_flow: bool = False,
     denoise: bool = True,
     eps: float = 1e-3,
+    project: Callable | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Predictor-corrector sampling from x at t = T over sde.N grid times down to eps (score_sde Algorithm 1).
 
-    Returns the final x (x_mean of the last step when denoise) in the model's data space and the number of
-    score evaluations."""
+    project(x, x_mean, t) -> (x, x_mean), when given, runs after every corrector and predictor update (the
+    constraint step of controllable generation: inpainting, colorization). Returns the final x (x_mean of the
+    last step when denoise) in the model's data space and the number of score evaluations."""
     counter = _CountingScoreFn(score_fn)
     predictor_obj = (NonePredictor if predictor is None else predictor)(sde, counter, probability_flow)
     corrector_obj = (NoneCorrector if corrector is None else corrector)(sde, counter, snr, n_steps)
@@ -515,7 +517,11 @@ def pc_sample(
         for i in range(sde.N):
             vec_t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device, dtype=x.dtype)
             x, x_mean = corrector_obj.update_fn(x, vec_t)
+            if project is not None:
+                x, x_mean = project(x, x_mean, vec_t)
             x, x_mean = predictor_obj.update_fn(x, vec_t)
+            if project is not None:
+                x, x_mean = project(x, x_mean, vec_t)
     return (x_mean if denoise else x), counter.count
 
 

@@ -1,5 +1,6 @@
 """Tests for datasets.py: every dataset format is written in miniature under tmp_path and read back."""
 
+import copy
 import os
 import pickle
 import tarfile
@@ -137,6 +138,20 @@ def test_cifar10_pickles_decode_chw_labels_and_splits(tmp_path):
     expected = torch.from_numpy(test_data.reshape(-1, 3, 32, 32)).float() / 255
     assert torch.equal(eval_images, expected)
     assert eval_labels.tolist() == test_labels
+
+
+def test_score_sde_batch_idiom(tmp_path):
+    """score_sde's scripts read batch['image']._numpy() (TF, NHWC) and permute to NCHW: it gives our images."""
+    write_cifar(tmp_path / "cifar-10-batches-py", n_train_per_batch=3, n_test=4)
+    _, eval_ds, _ = datasets.get_dataset(make_config("CIFAR10", tmp_path), uniform_dequantization=True, evaluation=True)
+    batch = next(iter(eval_ds))
+    img = batch["image"]._numpy()
+    n = batch["image"].shape[0]
+    assert isinstance(img, np.ndarray) and img.shape == (n, 32, 32, 3) and img.dtype == np.float32
+    assert torch.equal(torch.from_numpy(img).permute(0, 3, 1, 2), batch["image"])
+    assert img[2, 5, 7, 1] == float(batch["image"][2, 1, 5, 7])
+    clone = copy.copy(batch)  # what DataLoader's pin_memory does to a mapping
+    assert torch.equal(torch.from_numpy(clone["image"]._numpy()).permute(0, 3, 1, 2), batch["image"])
 
 
 def test_cifar10_tar_gz_equals_extracted(tmp_path):
