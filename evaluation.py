@@ -172,6 +172,16 @@ def run_inception(
     return {"pool_3": np.concatenate(pools), "logits": np.concatenate(logits)}
 
 
+def run_inception_distributed(
+    input_tensor, inception_model: torch.nn.Module, num_batches: int = 1, inceptionv3: bool = False
+) -> dict:
+    """score_sde's name for run_inception: {'pool_3', 'logits'} NumPy features of a sample batch (uint8 NHWC as
+    score_sde's run_lib passes, or [0, 1] floats NCHW). num_batches and inceptionv3 are accepted and unused
+    (one device; the same Inception graph at every resolution, see get_inception_model)."""
+    del num_batches, inceptionv3
+    return run_inception(input_tensor, inception_model)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------------------------
@@ -347,6 +357,34 @@ def load_reference_stats(path: str) -> dict:
             "features) or 'mu' and 'sigma'."
         )
     return out
+
+
+def dataset_stats_candidates(config) -> list[str]:
+    """Where the reference statistics of config.data are looked for: config.eval.stats_path when set, else
+    assets/stats/<dataset>_<size>_stats.npz (what --mode eval writes) and score_sde's
+    assets/stats/<dataset>_stats.npz."""
+    explicit = config.eval.get("stats_path", "")
+    if explicit:
+        return [explicit]
+    name = config.data.dataset.lower()
+    return [
+        os.path.join("assets", "stats", f"{name}_{config.data.image_size}_stats.npz"),
+        os.path.join("assets", "stats", f"{name}_stats.npz"),
+    ]
+
+
+def load_dataset_stats(config) -> dict:
+    """score_sde's name: the reference statistics of the training set ({'pool_3', 'mu', 'sigma'}; 'pool_3'
+    only when the file holds raw features), from the first existing file of dataset_stats_candidates."""
+    candidates = dataset_stats_candidates(config)
+    for path in candidates:
+        if os.path.isfile(path):
+            return load_reference_stats(path)
+    raise FileNotFoundError(
+        f"No reference statistics for {config.data.dataset} at {' or '.join(candidates)}. Copy score_sde's "
+        "assets/stats/<dataset>_stats.npz there, set config.eval.stats_path, or let --mode eval compute them "
+        "from the training set."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -658,13 +658,14 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
 
 
 def _reference_stats(config, evaluation):
-    """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz
-    (computed from the training set and saved the first time)."""
-    path = config.eval.get("stats_path", "") or os.path.join(
-        "assets", "stats", f"{config.data.dataset.lower()}_{config.data.image_size}_stats.npz"
-    )
-    if os.path.exists(path):
-        return evaluation.load_reference_stats(path)
+    """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz or
+    score_sde's assets/stats/<dataset>_stats.npz; when none exists, computed from the training set and saved
+    to the first of these paths."""
+    candidates = evaluation.dataset_stats_candidates(config)
+    for path in candidates:
+        if os.path.exists(path):
+            return evaluation.load_reference_stats(path)
+    path = candidates[0]
     logging.info("Computing reference statistics of the training set into %s.", path)
     inception = evaluation.get_inception_model(
         weights_path=config.eval.get("inception_path", "") or None, device=get_device(config)

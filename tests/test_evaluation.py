@@ -4,6 +4,7 @@ end with random weights written by the test (no download), reference statistics 
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -305,3 +306,29 @@ def test_save_image_grid(tmp_path):
     img = np.asarray(Image.open(path))
     assert img.shape == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2, 3)
     assert (img[2:10, 12:20] == 255).all() and (img[2:10, 2:10] == 0).all()
+
+
+def test_score_sde_names_for_stats_and_features(inception_weights, tmp_path, monkeypatch):
+    """load_dataset_stats finds score_sde's assets/stats/<dataset>_stats.npz (raw pool_3 features) or ours;
+    run_inception_distributed takes score_sde's uint8 NHWC sample batches."""
+    config = ml_collections.ConfigDict({"data": {"dataset": "CIFAR10", "image_size": 32}, "eval": {"stats_path": ""}})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="cifar10_stats.npz"):
+        evaluation.load_dataset_stats(config)
+    os.makedirs("assets/stats")
+    pool = np.random.default_rng(0).normal(size=(50, 4))
+    np.savez("assets/stats/cifar10_stats.npz", pool_3=pool)
+    stats = evaluation.load_dataset_stats(config)
+    np.testing.assert_allclose(stats["mu"], pool.mean(0))
+    np.testing.assert_allclose(stats["sigma"], np.cov(pool, rowvar=False))
+    np.testing.assert_array_equal(stats["pool_3"], pool)
+    np.savez("assets/stats/cifar10_32_stats.npz", mu=np.zeros(4), sigma=np.eye(4))  # ours comes first
+    assert not np.any(evaluation.load_dataset_stats(config)["mu"])
+    config.eval.stats_path = "assets/stats/cifar10_stats.npz"
+    np.testing.assert_allclose(evaluation.load_dataset_stats(config)["mu"], pool.mean(0))
+
+    model = evaluation.get_inception_model(weights_path=inception_weights)
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    latents = evaluation.run_inception_distributed(images, model, inceptionv3=False)
+    np.testing.assert_array_equal(latents["pool_3"], evaluation.run_inception(images, model)["pool_3"])
+    assert latents["logits"].shape == (3, 1008)
