@@ -358,13 +358,8 @@ def train(config, workdir: str) -> dict:
     dequantize = bool(config.data.get("uniform_dequantization", False))
     if is_main:
         logging.info("Config:\n%s", config)
-        logging.info(
-            "Starting training loop at step %d of %d (%d process%s).",
-            initial_step,
-            num_train_steps,
-            world_size,
-            "es" if world_size > 1 else "",
-        )
+        processes = f" ({world_size} data-parallel processes)" if world_size > 1 else ""
+        logging.info("Starting training loop at step %d of %d.%s", initial_step, num_train_steps, processes)
     progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True, disable=not is_main)
     start_time = time.time()
     while state["step"] < num_train_steps:
