@@ -39,24 +39,26 @@ def init_from_env(device: torch.device, timeout_minutes: float = 60.0) -> torch.
     """Join the process group described by torchrun's environment (if not joined yet); returns this process's
     device: cuda:LOCAL_RANK when training on CUDA with several processes, else `device` unchanged.
 
-    CUDA: backend NCCL. CPU: backend gloo. The timeout is generous because rank 0 draws sample grids and
-    evaluation losses while the other ranks wait at the next collective.
+    CUDA: backend NCCL, the process's GPU made current before the group is created. CPU: backend gloo. The timeout
+    is generous because rank 0 draws sample grids and evaluation losses while the other ranks wait at the next
+    collective.
     """
+    if not is_initialized() and not launched_by_torchrun():
+        return device
     if not is_initialized():
-        if not launched_by_torchrun():
-            return device
         for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise RuntimeError(
                     f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set: launch multi-process "
                     "training with torchrun --nproc_per_node=G main.py ... (or unset WORLD_SIZE)."
                 )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    if device.type == "cuda" and get_world_size() > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", get_rank() % torch.cuda.device_count()))
+    if device.type == "cuda" and (launched_by_torchrun() or get_world_size() > 1):
+        local_rank = int(os.environ.get("LOCAL_RANK", get_rank() % max(torch.cuda.device_count(), 1)))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if not is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
 
 
