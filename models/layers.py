@@ -1,4 +1,5 @@
-"""Common layers of the score networks (score_sde_pytorch's models/layers.py, DDPM part).
+"""Common layers of the score networks (score_sde_pytorch's models/layers.py: DDPM part and the RefineNet blocks
+of NCSN / NCSNv2).
 
 Parameter names and shapes follow score_sde exactly (checkpoint compatibility). Initialisers write in place
 into the created tensors, so a whole network can be built on the 'meta' device (no memory, no compute).
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .normalization import ConditionalInstanceNorm2dPlus
 
 
 def get_act(config) -> nn.Module:
@@ -250,3 +253,373 @@ class ResnetBlockDDPM(nn.Module):
         if self.in_ch != self.out_ch:
             x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
         return x + h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RefineNet blocks of NCSN (v1) and NCSNv2. The conditional ("Cond") versions take the noise-level label y and
+# normalise with a noise-conditional normaliser `normalizer(num_features, num_classes, bias=True)`.
+
+
+def _act_or(act: nn.Module | None, default: type[nn.Module]) -> nn.Module:
+    """`act`, or a new `default()` activation when it is None."""
+    return default() if act is None else act
+
+
+def _mean_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling as the mean of the four strided sub-grids (the original's summation order)."""
+    total = x[:, :, ::2, ::2] + x[:, :, 1::2, ::2]
+    total = total + x[:, :, ::2, 1::2]
+    total = total + x[:, :, 1::2, 1::2]
+    return total / 4.0
+
+
+def _dilated_conv3x3(in_planes: int, out_planes: int, dilation: int) -> nn.Conv2d:
+    """3x3 convolution with `dilation` and padding = dilation, so the spatial size is kept (NCSNv2, JAX 'SAME')."""
+    return ncsn_conv3x3(in_planes, out_planes, dilation=dilation, padding=dilation)
+
+
+class CRPBlock(nn.Module):
+    """Chained residual pooling: x = act(x); path = conv_i(pool(path)) for each stage, x += path after each."""
+
+    def __init__(self, features: int, n_stages: int, act: nn.Module | None = None, maxpool: bool = True):
+        super().__init__()
+        self.convs = nn.ModuleList([ncsn_conv3x3(features, features, stride=1, bias=False) for _ in range(n_stages)])
+        self.n_stages = n_stages
+        if maxpool:
+            self.pool = nn.MaxPool2d(kernel_size=5, stride=1, padding=2)
+        else:
+            self.pool = nn.AvgPool2d(kernel_size=5, stride=1, padding=2)
+        self.act = _act_or(act, nn.ReLU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(x)
+        path = x
+        for conv in self.convs:
+            path = conv(self.pool(path))
+            x = path + x
+        return x
+
+
+class CondCRPBlock(nn.Module):
+    """Conditional chained residual pooling: path = conv_i(avgpool(norm_i(path, y))), x += path after each stage."""
+
+    def __init__(self, features: int, n_stages: int, num_classes: int, normalizer, act: nn.Module | None = None):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.normalizer = normalizer
+        for _ in range(n_stages):
+            self.norms.append(normalizer(features, num_classes, bias=True))
+            self.convs.append(ncsn_conv3x3(features, features, stride=1, bias=False))
+        self.n_stages = n_stages
+        self.pool = nn.AvgPool2d(kernel_size=5, stride=1, padding=2)
+        self.act = _act_or(act, nn.ReLU)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.act(x)
+        path = x
+        for norm, conv in zip(self.norms, self.convs):
+            path = conv(self.pool(norm(path, y)))
+            x = path + x
+        return x
+
+
+def _rcu_name(block: int, stage: int, kind: str) -> str:
+    """Attribute name '{block}_{stage}_{kind}' (1-based) of a residual conv unit's layers (state_dict keys)."""
+    return f"{block + 1}_{stage + 1}_{kind}"
+
+
+class RCUBlock(nn.Module):
+    """Residual conv units: n_blocks times x += (conv . act)^n_stages (x), bias-free 3x3 convs."""
+
+    def __init__(self, features: int, n_blocks: int, n_stages: int, act: nn.Module | None = None):
+        super().__init__()
+        for i in range(n_blocks):
+            for j in range(n_stages):
+                setattr(self, _rcu_name(i, j, "conv"), ncsn_conv3x3(features, features, stride=1, bias=False))
+        self.stride = 1
+        self.n_blocks = n_blocks
+        self.n_stages = n_stages
+        self.act = _act_or(act, nn.ReLU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.n_blocks):
+            residual = x
+            for j in range(self.n_stages):
+                x = getattr(self, _rcu_name(i, j, "conv"))(self.act(x))
+            x = x + residual
+        return x
+
+
+class CondRCUBlock(nn.Module):
+    """Conditional residual conv units: n_blocks times x += (conv . act . norm(., y))^n_stages (x)."""
+
+    def __init__(
+        self, features: int, n_blocks: int, n_stages: int, num_classes: int, normalizer, act: nn.Module | None = None
+    ):
+        super().__init__()
+        for i in range(n_blocks):
+            for j in range(n_stages):
+                setattr(self, _rcu_name(i, j, "norm"), normalizer(features, num_classes, bias=True))
+                setattr(self, _rcu_name(i, j, "conv"), ncsn_conv3x3(features, features, stride=1, bias=False))
+        self.stride = 1
+        self.n_blocks = n_blocks
+        self.n_stages = n_stages
+        self.act = _act_or(act, nn.ReLU)
+        self.normalizer = normalizer
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for i in range(self.n_blocks):
+            residual = x
+            for j in range(self.n_stages):
+                x = getattr(self, _rcu_name(i, j, "norm"))(x, y)
+                x = getattr(self, _rcu_name(i, j, "conv"))(self.act(x))
+            x = x + residual
+        return x
+
+
+class MSFBlock(nn.Module):
+    """Multi-resolution fusion: sum_i bilinear-resize(conv_i(x_i), shape) (align_corners=True)."""
+
+    def __init__(self, in_planes: list[int] | tuple[int, ...], features: int):
+        super().__init__()
+        if not isinstance(in_planes, (list, tuple)):
+            raise TypeError(f"in_planes must be a list or tuple of channel counts, got {type(in_planes).__name__}")
+        self.convs = nn.ModuleList([ncsn_conv3x3(planes, features, stride=1, bias=True) for planes in in_planes])
+        self.features = features
+
+    def forward(self, xs: list[torch.Tensor], shape) -> torch.Tensor:
+        total = None
+        for conv, x in zip(self.convs, xs):
+            h = F.interpolate(conv(x), size=tuple(shape), mode="bilinear", align_corners=True)
+            total = h if total is None else total + h
+        return total
+
+
+class CondMSFBlock(nn.Module):
+    """Conditional multi-resolution fusion: sum_i bilinear-resize(conv_i(norm_i(x_i, y)), shape)."""
+
+    def __init__(self, in_planes: list[int] | tuple[int, ...], features: int, num_classes: int, normalizer):
+        super().__init__()
+        if not isinstance(in_planes, (list, tuple)):
+            raise TypeError(f"in_planes must be a list or tuple of channel counts, got {type(in_planes).__name__}")
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.features = features
+        self.normalizer = normalizer
+        for planes in in_planes:
+            self.convs.append(ncsn_conv3x3(planes, features, stride=1, bias=True))
+            self.norms.append(normalizer(planes, num_classes, bias=True))
+
+    def forward(self, xs: list[torch.Tensor], y: torch.Tensor, shape) -> torch.Tensor:
+        total = None
+        for norm, conv, x in zip(self.norms, self.convs, xs):
+            h = F.interpolate(conv(norm(x, y)), size=tuple(shape), mode="bilinear", align_corners=True)
+            total = h if total is None else total + h
+        return total
+
+
+class RefineBlock(nn.Module):
+    """RefineNet block: RCU per input, fusion to `output_shape` (several inputs), CRP, then output RCUs."""
+
+    def __init__(
+        self,
+        in_planes: list[int] | tuple[int, ...],
+        features: int,
+        act: nn.Module | None = None,
+        start: bool = False,
+        end: bool = False,
+        maxpool: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(in_planes, (list, tuple)):
+            raise TypeError(f"in_planes must be a list or tuple of channel counts, got {type(in_planes).__name__}")
+        act = _act_or(act, nn.ReLU)
+        self.n_blocks = len(in_planes)
+        self.adapt_convs = nn.ModuleList([RCUBlock(planes, 2, 2, act) for planes in in_planes])
+        self.output_convs = RCUBlock(features, 3 if end else 1, 2, act)
+        if not start:
+            self.msf = MSFBlock(in_planes, features)
+        self.crp = CRPBlock(features, 2, act, maxpool=maxpool)
+
+    def forward(self, xs: list[torch.Tensor], output_shape) -> torch.Tensor:
+        hs = [adapt(x) for adapt, x in zip(self.adapt_convs, xs)]
+        h = self.msf(hs, output_shape) if self.n_blocks > 1 else hs[0]
+        return self.output_convs(self.crp(h))
+
+
+class CondRefineBlock(nn.Module):
+    """Conditional RefineNet block: CondRCU per input, CondMSF fusion, CondCRP, then output CondRCUs."""
+
+    def __init__(
+        self,
+        in_planes: list[int] | tuple[int, ...],
+        features: int,
+        num_classes: int,
+        normalizer,
+        act: nn.Module | None = None,
+        start: bool = False,
+        end: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(in_planes, (list, tuple)):
+            raise TypeError(f"in_planes must be a list or tuple of channel counts, got {type(in_planes).__name__}")
+        act = _act_or(act, nn.ReLU)
+        self.n_blocks = len(in_planes)
+        self.adapt_convs = nn.ModuleList(
+            [CondRCUBlock(planes, 2, 2, num_classes, normalizer, act) for planes in in_planes]
+        )
+        self.output_convs = CondRCUBlock(features, 3 if end else 1, 2, num_classes, normalizer, act)
+        if not start:
+            self.msf = CondMSFBlock(in_planes, features, num_classes, normalizer)
+        self.crp = CondCRPBlock(features, 2, num_classes, normalizer, act)
+
+    def forward(self, xs: list[torch.Tensor], y: torch.Tensor, output_shape) -> torch.Tensor:
+        hs = [adapt(x, y) for adapt, x in zip(self.adapt_convs, xs)]
+        h = self.msf(hs, y, output_shape) if self.n_blocks > 1 else hs[0]
+        return self.output_convs(self.crp(h, y), y)
+
+
+class ConvMeanPool(nn.Module):
+    """Convolution (stride 1, 'same' padding) then 2x2 mean pooling; adjust_padding first zero-pads left/top by 1."""
+
+    def __init__(
+        self, input_dim: int, output_dim: int, kernel_size: int = 3, biases: bool = True, adjust_padding: bool = False
+    ):
+        super().__init__()
+        conv = nn.Conv2d(input_dim, output_dim, kernel_size, stride=1, padding=kernel_size // 2, bias=biases)
+        self.conv = nn.Sequential(nn.ZeroPad2d((1, 0, 1, 0)), conv) if adjust_padding else conv
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return _mean_pool_2x2(self.conv(inputs))
+
+
+class MeanPoolConv(nn.Module):
+    """2x2 mean pooling then a convolution (stride 1, 'same' padding)."""
+
+    def __init__(self, input_dim: int, output_dim: int, kernel_size: int = 3, biases: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(input_dim, output_dim, kernel_size, stride=1, padding=kernel_size // 2, bias=biases)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.conv(_mean_pool_2x2(inputs))
+
+
+class UpsampleConv(nn.Module):
+    """x2 upsampling by a pixel shuffle of four stacked copies of the input, then a convolution ('same' padding).
+
+    Sub-pixel (i, j) of output channel c copies input channel (4c + 2i + j) mod C (nearest upsampling when C = 1).
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, kernel_size: int = 3, biases: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(input_dim, output_dim, kernel_size, stride=1, padding=kernel_size // 2, bias=biases)
+        self.pixelshuffle = nn.PixelShuffle(upscale_factor=2)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pixelshuffle(torch.cat([inputs] * 4, dim=1)))
+
+
+def _residual_layers(input_dim: int, output_dim: int, resample, dilation: int, adjust_padding: bool):
+    """(conv1, conv2, make_shortcut, conv1 output channels) of an NCSN residual block.
+
+    resample='down' without dilation halves the resolution (mean-pooled conv2 and 1x1 shortcut); dilated blocks
+    keep the resolution (3x3 convs with padding = dilation, the shortcut a dilated 3x3 conv too).
+    """
+    if resample == "down":
+        mid = input_dim
+        if dilation > 1:
+            conv2 = _dilated_conv3x3(input_dim, output_dim, dilation)
+
+            def make_shortcut(cin, cout):
+                return _dilated_conv3x3(cin, cout, dilation)
+        else:
+            conv2 = ConvMeanPool(input_dim, output_dim, 3, adjust_padding=adjust_padding)
+
+            def make_shortcut(cin, cout):
+                return ConvMeanPool(cin, cout, kernel_size=1, adjust_padding=adjust_padding)
+    elif resample is None:
+        mid = output_dim
+        if dilation > 1:
+            conv2 = _dilated_conv3x3(output_dim, output_dim, dilation)
+
+            def make_shortcut(cin, cout):
+                return _dilated_conv3x3(cin, cout, dilation)
+        else:
+            conv2 = ncsn_conv3x3(output_dim, output_dim)
+            make_shortcut = ncsn_conv1x1
+    else:
+        raise ValueError(f"resample must be 'down' or None, got {resample!r}")
+    conv1 = _dilated_conv3x3(input_dim, mid, dilation) if dilation > 1 else ncsn_conv3x3(input_dim, mid)
+    return conv1, conv2, make_shortcut, mid
+
+
+class ResidualBlock(nn.Module):
+    """NCSNv2 residual block: shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        resample=None,
+        act: nn.Module | None = None,
+        normalization=nn.InstanceNorm2d,
+        adjust_padding: bool = False,
+        dilation: int | None = 1,
+    ):
+        super().__init__()
+        dilation = 1 if dilation is None else dilation
+        self.non_linearity = _act_or(act, nn.ELU)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.resample = resample
+        self.normalization = normalization
+        conv1, conv2, make_shortcut, mid = _residual_layers(input_dim, output_dim, resample, dilation, adjust_padding)
+        self.conv1 = conv1
+        self.normalize2 = normalization(mid)
+        self.conv2 = conv2
+        if output_dim != input_dim or resample is not None:
+            self.shortcut = make_shortcut(input_dim, output_dim)
+        self.normalize1 = normalization(input_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.non_linearity(self.normalize1(x)))
+        h = self.conv2(self.non_linearity(self.normalize2(h)))
+        shortcut = x if self.output_dim == self.input_dim and self.resample is None else self.shortcut(x)
+        return shortcut + h
+
+
+class ConditionalResidualBlock(nn.Module):
+    """NCSN residual block with noise-conditional normalisers: shortcut(x) + conv2(act(n2(conv1(act(n1(x, y))), y)))."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        num_classes: int,
+        resample=None,
+        act: nn.Module | None = None,
+        normalization=ConditionalInstanceNorm2dPlus,
+        adjust_padding: bool = False,
+        dilation: int | None = None,
+    ):
+        super().__init__()
+        dilation = 1 if dilation is None else dilation
+        self.non_linearity = _act_or(act, nn.ELU)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.resample = resample
+        self.normalization = normalization
+        conv1, conv2, make_shortcut, mid = _residual_layers(input_dim, output_dim, resample, dilation, adjust_padding)
+        self.conv1 = conv1
+        self.normalize2 = normalization(mid, num_classes)
+        self.conv2 = conv2
+        if output_dim != input_dim or resample is not None:
+            self.shortcut = make_shortcut(input_dim, output_dim)
+        self.normalize1 = normalization(input_dim, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.non_linearity(self.normalize1(x, y)))
+        h = self.conv2(self.non_linearity(self.normalize2(h, y)))
+        shortcut = x if self.output_dim == self.input_dim and self.resample is None else self.shortcut(x)
+        return shortcut + h

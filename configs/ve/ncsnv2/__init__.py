@@ -1,0 +1,1 @@
+"""score_sde's NCSNv2 configs (CIFAR-10, CelebA; its LSUN bedroom config is not carried)."""
