@@ -3,6 +3,8 @@
 import copy
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ import distributed
 import losses
 import run_lib
 import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -190,3 +194,36 @@ def test_ddp_training_keeps_ranks_in_step_writes_once_and_resumes_exactly(tmp_pa
     resumed = _train_ddp(tmp_path / "b", 4, tmp_path / "out_b2")
     for key in ("params", "shadow"):
         assert torch.equal(resumed[0][key], straight[0][key])
+
+
+@pytest.mark.slow
+def test_torchrun_command_of_the_readme(tmp_path):
+    """`torchrun --nproc_per_node=2 main.py ... --mode train` (gloo on CPU): one set of files, one log; and eval
+    refuses to run under torchrun."""
+    workdir = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    args = [
+        "main.py",
+        "--config=configs/demo_stf.py",
+        f"--workdir={workdir}",
+        "--mode=train",
+        "--config.training.n_iters=2",
+        "--config.training.snapshot_freq=2",
+        "--config.training.batch_size=8",
+        "--config.training.stf_gather=True",
+        "--config.training.snapshot_sampling=False",
+        "--device=cpu",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (workdir / "train.log").read_text()
+    assert "Starting training loop at step 0 of 2. (2 data-parallel processes)" in log
+    assert log.count("Training finished at step 2") == 1  # rank 0 alone writes the log
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["checkpoint_1.pth"]
+    saved = utils.load_checkpoint_file(str(workdir / "checkpoints-meta" / "checkpoint.pth"))
+    assert saved["step"] == 2 and len(saved["rng"]["rank_states"]) == 2
+
+    args[3] = "--mode=eval"
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "runs in one process" in proc.stdout + proc.stderr
