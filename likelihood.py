@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from sampling import adaptive_solver_options
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _HUTCHINSON_TYPES = ("Gaussian", "Rademacher", "exact")
@@ -163,7 +165,7 @@ def _odeint(func: Callable, y0: tuple, t0: float, t1: float, rtol: float, atol: 
         raise ImportError("likelihood.py needs torchdiffeq: pip install torchdiffeq") from err
     solver = {"RK45": "dopri5", "dopri5": "dopri5", "DOP853": "dopri8", "dopri8": "dopri8"}.get(method, method)
     ts = torch.tensor([t0, t1], dtype=y0[0].dtype, device=y0[0].device)
-    out = odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver)
+    out = odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver, options=adaptive_solver_options(solver, ts))
     return tuple(o[-1] for o in out)
 
 

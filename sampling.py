@@ -615,16 +615,25 @@ def solve_probability_flow(
 
     times = torch.tensor([float(t_start), float(t_end)], dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        options = None
-        if solver in _STEP_T_METHODS:
-            # step_t: land on t_end instead of stepping past it (and evaluating outside [eps, T]); forward
-            # in time (encoding) start with a small step, since sigma(t) can grow very fast just above eps
-            # (RVE: log sigma is linear in 1/t) and the solver's first-step guess would jump over that.
-            options = {"step_t": times[1:]}
-            if t_end > t_start:
-                options["first_step"] = 1e-2 * float(t_start)
+        options = adaptive_solver_options(solver, times)
         solution = odeint(ode_func, x, times, rtol=rtol, atol=atol, method=solver, options=options)
     return solution[-1], counter.count
+
+
+def adaptive_solver_options(solver: str, times: torch.Tensor) -> dict | None:
+    """torchdiffeq options that keep an adaptive solve between times[0] and times[-1].
+
+    step_t lands on the end time instead of stepping past it (and evaluating the SDE outside [eps, T], where
+    VE's sigma(t) overflows). Forward in time (encoding, likelihood) the first step is 1 % of the start time:
+    sigma(t) can grow very fast just above eps (RVE: log sigma is linear in 1/t), and the solver's own first-step
+    guess, 1 % of |x| / |drift|, jumps far past T when the drift at eps is small.
+    """
+    if solver not in _STEP_T_METHODS:
+        return None
+    options = {"step_t": times[1:]}
+    if float(times[-1]) > float(times[0]):
+        options["first_step"] = 1e-2 * float(times[0])
+    return options
 
 
 class ProbabilityFlowODE:
