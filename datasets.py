@@ -142,10 +142,19 @@ def to_float(images: torch.Tensor, dequantize: bool = False, generator: torch.Ge
     return x / 255.0
 
 
+def flip_mask(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """[n] booleans, each True with probability 1/2: which images a random horizontal flip mirrors."""
+    return torch.rand(n, generator=generator, device=device) < 0.5
+
+
+def flip_where(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images [n, C, H, W] where mask [n] is True."""
+    return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image [n, C, H, W] left-right independently with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return flip_where(images, flip_mask(images.shape[0], generator, images.device))
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:

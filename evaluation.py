@@ -373,13 +373,18 @@ def dataset_stats_candidates(config) -> list[str]:
     ]
 
 
+def find_dataset_stats(config) -> str | None:
+    """The first existing file of dataset_stats_candidates(config), or None."""
+    return next((path for path in dataset_stats_candidates(config) if os.path.isfile(path)), None)
+
+
 def load_dataset_stats(config) -> dict:
     """score_sde's name: the reference statistics of the training set ({'pool_3', 'mu', 'sigma'}; 'pool_3'
     only when the file holds raw features), from the first existing file of dataset_stats_candidates."""
+    path = find_dataset_stats(config)
+    if path is not None:
+        return load_reference_stats(path)
     candidates = dataset_stats_candidates(config)
-    for path in candidates:
-        if os.path.isfile(path):
-            return load_reference_stats(path)
     raise FileNotFoundError(
         f"No reference statistics for {config.data.dataset} at {' or '.join(candidates)}. Copy score_sde's "
         "assets/stats/<dataset>_stats.npz there, set config.eval.stats_path, or let --mode eval compute them "

@@ -183,8 +183,8 @@ class TrainStream:
         images = next(self._batches)[0]
         if self.random_flip:
             gen = torch.Generator().manual_seed(self.seed * 1000003 + self.position)
-            flip = (torch.rand(self.batch_size, generator=gen) < 0.5)[self.lo : self.hi]
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            # the flips of the whole global batch, this rank's slice of them
+            images = datasets.flip_where(images, datasets.flip_mask(self.batch_size, gen)[self.lo : self.hi])
         self.position += 1
         return datasets.to_float(images)
 
@@ -401,20 +401,20 @@ def train(config, workdir: str) -> dict:
                     state["rng"]["rank_states"] = rank_states
                 save_checkpoint(checkpoint_meta_dir, state)
                 state.pop("rng")
-        single = dict(state, model=network)  # evaluation and sampling run on rank 0 without the DDP wrapper
         if is_main and step % training.eval_freq == 0:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 eval_batch = scaler(next(eval_iter)["image"].to(device))
                 eval_reference = _reference_batch(ref_sampler, eval_batch, scaler, gather=False)
-                eval_loss = float(eval_step_fn(single, eval_batch, reference=eval_reference))
+                eval_loss = float(eval_step_fn(_without_ddp(state, network), eval_batch, reference=eval_reference))
             logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
         if is_main and (step % training.snapshot_freq == 0 or step == num_train_steps):
             save_step = step // training.snapshot_freq  # score_sde's numbering
             save_checkpoint(os.path.join(checkpoint_dir, f"checkpoint_{save_step}.pth"), state)
             if training.snapshot_sampling:
-                snapshot_samples(config, single, sde, sampling_eps, os.path.join(sample_dir, f"iter_{step}"))
+                folder = os.path.join(sample_dir, f"iter_{step}")
+                snapshot_samples(config, _without_ddp(state, network), sde, sampling_eps, folder)
     progress.close()
     if writer is not None:
         writer.close()
@@ -422,6 +422,11 @@ def train(config, workdir: str) -> dict:
     distributed.barrier()
     logging.info("Training finished at step %d (%.1f s).", state["step"], time.time() - start_time)
     return state
+
+
+def _without_ddp(state: dict, network: torch.nn.Module) -> dict:
+    """The training state with the bare network: evaluation and sampling run on rank 0 alone, outside DDP."""
+    return state if state["model"] is network else dict(state, model=network)
 
 
 def _set_rank_rng(rng: dict | None, seed: int, step: int, rank: int, world_size: int) -> None:
@@ -656,11 +661,10 @@ def _reference_stats(config, evaluation):
     """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz or
     score_sde's assets/stats/<dataset>_stats.npz; when none exists, computed from the training set and saved
     to the first of these paths."""
-    candidates = evaluation.dataset_stats_candidates(config)
-    for path in candidates:
-        if os.path.exists(path):
-            return evaluation.load_reference_stats(path)
-    path = candidates[0]
+    path = evaluation.find_dataset_stats(config)
+    if path is not None:
+        return evaluation.load_reference_stats(path)
+    path = evaluation.dataset_stats_candidates(config)[0]
     logging.info("Computing reference statistics of the training set into %s.", path)
     inception = evaluation.get_inception_model(
         weights_path=config.eval.get("inception_path", "") or None, device=get_device(config)

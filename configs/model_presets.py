@@ -7,20 +7,28 @@ then overrides what differs, so the architecture of each experiment reads in a f
 import ml_collections
 
 
-def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """DDPM++ (continuous): positional time embedding, noise-predicting output, no FIR, no progressive paths."""
+def _set_unet(config: ml_collections.ConfigDict, name: str, num_res_blocks: int) -> ml_collections.ConfigDict:
+    """The U-Net fields DDPM, DDPM++ and NCSN++ share in score_sde's configs (noise-predicting, EMA 0.9999)."""
     model = config.model
-    model.name = "ncsnpp"
+    model.name = name
     model.scale_by_sigma = False
     model.ema_rate = 0.9999
     model.normalization = "GroupNorm"
     model.nonlinearity = "swish"
     model.nf = 128
     model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 4
+    model.num_res_blocks = num_res_blocks
     model.attn_resolutions = (16,)
     model.resamp_with_conv = True
     model.conditional = True
+    config.data.centered = True
+    return config
+
+
+def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DDPM++ (continuous): positional time embedding, noise-predicting output, no FIR, no progressive paths."""
+    _set_unet(config, "ncsnpp", num_res_blocks=4)
+    model = config.model
     model.fir = False
     model.fir_kernel = [1, 3, 3, 1]
     model.skip_rescale = True
@@ -38,7 +46,6 @@ def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model.lsgm = False
     model.auxiliary_resblock = True
     model.attention = True
-    config.data.centered = True
     return config
 
 
@@ -57,17 +64,4 @@ def set_ncsnpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def set_ddpm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The original DDPM network (Ho et al. 2020) as score_sde configures it for VP / sub-VP: 2 blocks, EMA 0.9999."""
-    model = config.model
-    model.name = "ddpm"
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.normalization = "GroupNorm"
-    model.nonlinearity = "swish"
-    model.nf = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.resamp_with_conv = True
-    model.conditional = True
-    config.data.centered = True
-    return config
+    return _set_unet(config, "ddpm", num_res_blocks=2)

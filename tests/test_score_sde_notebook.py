@@ -150,20 +150,13 @@ def test_notebook_cells(sde_name, tmp_path, monkeypatch):
     assert len(bpds) == 4 and np.isfinite(torch.tensor(bpds).mean().item())
     assert z.shape == img.shape
 
-    # Inpainting
+    # Inpainting (the notebook passes the same keywords to the inpainter and the colorizer)
+    controllable = dict(
+        snr=0.16, n_steps=1, probability_flow=False, continuous=config.training.continuous, denoise=True
+    )
     train_ds, eval_ds, _ = datasets.get_dataset(config)
     eval_iter = iter(eval_ds)
-    pc_inpainter = controllable_generation.get_pc_inpainter(
-        sde,
-        predictor,
-        corrector,
-        inverse_scaler,
-        snr=0.16,
-        n_steps=1,
-        probability_flow=False,
-        continuous=config.training.continuous,
-        denoise=True,
-    )
+    pc_inpainter = controllable_generation.get_pc_inpainter(sde, predictor, corrector, inverse_scaler, **controllable)
     batch = next(eval_iter)
     img = batch["image"]._numpy()
     img = torch.from_numpy(img).permute(0, 3, 1, 2).to(config.device)
@@ -176,17 +169,7 @@ def test_notebook_cells(sde_name, tmp_path, monkeypatch):
     torch.testing.assert_close(x[..., :16], known, atol=1e-5, rtol=1e-5)
 
     # Colorization
-    pc_colorizer = controllable_generation.get_pc_colorizer(
-        sde,
-        predictor,
-        corrector,
-        inverse_scaler,
-        snr=0.16,
-        n_steps=1,
-        probability_flow=False,
-        continuous=config.training.continuous,
-        denoise=True,
-    )
+    pc_colorizer = controllable_generation.get_pc_colorizer(sde, predictor, corrector, inverse_scaler, **controllable)
     gray_scale_img = torch.mean(img, dim=1, keepdims=True).repeat(1, 3, 1, 1)
     x = pc_colorizer(score_model, scaler(gray_scale_img))
     assert x.shape == img.shape and torch.isfinite(x).all()

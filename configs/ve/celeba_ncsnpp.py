@@ -1,14 +1,8 @@
 """score_sde: NCSN++ trained with SMLD (discrete VE, positional embedding) on CelebA 64."""
 
 from configs.default_celeba_configs import get_default_configs
-from configs.model_presets import set_ncsnpp
+from configs.ve.cifar10_ncsnpp import set_smld_ncsnpp
 
 
 def get_config():
-    config = set_ncsnpp(get_default_configs())
-    config.training.sde = "vesde"
-    config.training.continuous = False
-    config.sampling.predictor = "reverse_diffusion"
-    config.sampling.corrector = "langevin"
-    config.model.embedding_type = "positional"
-    return config
+    return set_smld_ncsnpp(get_default_configs())

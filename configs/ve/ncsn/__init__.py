@@ -29,3 +29,14 @@ def set_ncsn(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     optim.warmup = 0
     optim.grad_clip = -1.0  # no clipping
     return config
+
+
+def set_ncsn_v1_schedule(config: ml_collections.ConfigDict, ema_rate: float) -> ml_collections.ConfigDict:
+    """NCSN (v1) as published: 10 noise levels from sigma 1 to 0.01, 100 Langevin steps each at snr 0.316."""
+    set_ncsn(config)
+    config.sampling.n_steps_each = 100
+    config.sampling.snr = 0.316
+    config.model.sigma_max = 1
+    config.model.num_scales = 10
+    config.model.ema_rate = ema_rate
+    return config

@@ -5,14 +5,8 @@ unset); this config trains the VE SDE that the file's siblings and its name inte
 """
 
 from configs.default_celeba_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.ve.ncsn import set_ncsn_v1_schedule
 
 
 def get_config():
-    config = set_ncsn(get_default_configs())
-    config.sampling.n_steps_each = 100
-    config.sampling.snr = 0.316
-    config.model.sigma_max = 1
-    config.model.num_scales = 10
-    config.model.ema_rate = 0.0
-    return config
+    return set_ncsn_v1_schedule(get_default_configs(), ema_rate=0.0)
