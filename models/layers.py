@@ -566,6 +566,7 @@ class ResidualBlock(nn.Module):
         normalization=nn.InstanceNorm2d,
         adjust_padding: bool = False,
         dilation: int | None = 1,
+        norm_args: tuple = (),
     ):
         super().__init__()
         dilation = 1 if dilation is None else dilation
@@ -576,20 +577,21 @@ class ResidualBlock(nn.Module):
         self.normalization = normalization
         conv1, conv2, make_shortcut, mid = _residual_layers(input_dim, output_dim, resample, dilation, adjust_padding)
         self.conv1 = conv1
-        self.normalize2 = normalization(mid)
+        self.normalize2 = normalization(mid, *norm_args)
         self.conv2 = conv2
         if output_dim != input_dim or resample is not None:
             self.shortcut = make_shortcut(input_dim, output_dim)
-        self.normalize1 = normalization(input_dim)
+        self.normalize1 = normalization(input_dim, *norm_args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.non_linearity(self.normalize1(x)))
-        h = self.conv2(self.non_linearity(self.normalize2(h)))
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """cond: the noise-level labels y of the conditional variant (passed to the normalisers)."""
+        h = self.conv1(self.non_linearity(self.normalize1(x, *cond)))
+        h = self.conv2(self.non_linearity(self.normalize2(h, *cond)))
         shortcut = x if self.output_dim == self.input_dim and self.resample is None else self.shortcut(x)
         return shortcut + h
 
 
-class ConditionalResidualBlock(nn.Module):
+class ConditionalResidualBlock(ResidualBlock):
     """NCSN residual block with noise-conditional normalisers: shortcut(x) + conv2(act(n2(conv1(act(n1(x, y))), y)))."""
 
     def __init__(
@@ -603,23 +605,6 @@ class ConditionalResidualBlock(nn.Module):
         adjust_padding: bool = False,
         dilation: int | None = None,
     ):
-        super().__init__()
-        dilation = 1 if dilation is None else dilation
-        self.non_linearity = _act_or(act, nn.ELU)
-        self.input_dim = input_dim
-        self.output_dim = output_dim
-        self.resample = resample
-        self.normalization = normalization
-        conv1, conv2, make_shortcut, mid = _residual_layers(input_dim, output_dim, resample, dilation, adjust_padding)
-        self.conv1 = conv1
-        self.normalize2 = normalization(mid, num_classes)
-        self.conv2 = conv2
-        if output_dim != input_dim or resample is not None:
-            self.shortcut = make_shortcut(input_dim, output_dim)
-        self.normalize1 = normalization(input_dim, num_classes)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.non_linearity(self.normalize1(x, y)))
-        h = self.conv2(self.non_linearity(self.normalize2(h, y)))
-        shortcut = x if self.output_dim == self.input_dim and self.resample is None else self.shortcut(x)
-        return shortcut + h
+        super().__init__(
+            input_dim, output_dim, resample, act, normalization, adjust_padding, dilation, norm_args=(num_classes,)
+        )
