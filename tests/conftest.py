@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,3 +13,13 @@ if ROOT not in sys.path:
 REFERENCE_DIR = os.environ.get("SCORE_SDE_REFERENCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "reference"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small tensors: one intra-op thread avoids spin-wait contention on the shared CPU (restored afterwards).
+    A module opts in with pytestmark = pytest.mark.usefixtures("single_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

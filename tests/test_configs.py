@@ -88,6 +88,15 @@ def same(a, b) -> bool:
     return a == b
 
 
+def mismatch(ours: dict, field: str, value) -> str | None:
+    """Why flattened config `ours` disagrees with the original's `field` = `value` (None when it agrees)."""
+    if field not in ours:
+        return f"{field}: missing (original {value!r})"
+    if not same(ours[field], value):
+        return f"{field}: ours {ours[field]!r} vs original {value!r}"
+    return None
+
+
 @pytest.mark.parametrize("path", sorted(set(ST_CONFIGS) - LEGACY))
 def test_soft_truncation_config_matches_original(path):
     ours = flatten(load_config(path).to_dict())
@@ -99,10 +108,8 @@ def test_soft_truncation_config_matches_original(path):
         if field == "training.unbounded_parametrization" and path in UNBOUNDED_VE:
             assert ours[field] is True
             continue
-        if field not in ours:
-            mismatches.append(f"{field}: missing (original {value!r})")
-        elif not same(ours[field], value):
-            mismatches.append(f"{field}: ours {ours[field]!r} vs original {value!r}")
+        if (problem := mismatch(ours, field, value)) is not None:
+            mismatches.append(problem)
     assert not mismatches, "\n".join(mismatches)
 
 

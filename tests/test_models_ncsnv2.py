@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from test_configs import flatten, load_config, same
+from test_configs import flatten, load_config, mismatch
 
 import models  # noqa: F401  (registers the networks)
 import run_lib
@@ -47,13 +47,7 @@ DELIBERATE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors: one intra-op thread avoids contention on the shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def model_config(spec: dict) -> ml_collections.ConfigDict:
@@ -99,14 +93,9 @@ def test_import_and_registry():
 @pytest.mark.parametrize("path", sorted(CONFIGS))
 def test_config_matches_original(path):
     ours = flatten(load_config(path).to_dict())
-    mismatches = []
-    for field, value in CONFIGS[path]["fields"].items():
-        if (path, field) in DELIBERATE:
-            continue
-        if field not in ours:
-            mismatches.append(f"{field}: missing (original {value!r})")
-        elif not same(ours[field], value):
-            mismatches.append(f"{field}: ours {ours[field]!r} vs original {value!r}")
+    fields = CONFIGS[path]["fields"].items()
+    mismatches = [mismatch(ours, f, v) for f, v in fields if (path, f) not in DELIBERATE]
+    mismatches = [m for m in mismatches if m is not None]
     assert not mismatches, "\n".join(mismatches)
 
 

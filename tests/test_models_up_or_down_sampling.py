@@ -13,13 +13,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3
     np.testing.assert_allclose(actual.detach().cpu().numpy(), expected.detach().cpu().numpy(), rtol=rtol, atol=atol)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids heavy contention on the shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def np_upfirdn2d(x: np.ndarray, k: np.ndarray, up: int, down: int, pad0: int, pad1: int) -> np.ndarray:

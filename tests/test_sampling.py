@@ -23,13 +23,7 @@ S = torch.tensor([0.2, 0.6], dtype=torch.float64)
 SHAPE = (4000, 1, 1, 2)  # [B, C, H, W]; the last axis holds the two data dimensions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_sde(name: str, N: int = 1000):

@@ -2,13 +2,8 @@
 
 from configs.default_cifar10_configs import get_default_configs
 from configs.model_presets import set_ddpmpp
+from configs.vp.ddpm.cifar10 import set_discrete_vp
 
 
 def get_config():
-    config = set_ddpmpp(get_default_configs())
-    config.training.sde = "vpsde"
-    config.training.continuous = False
-    config.training.reduce_mean = True
-    config.sampling.predictor = "ancestral_sampling"
-    config.sampling.corrector = "none"
-    return config
+    return set_discrete_vp(set_ddpmpp(get_default_configs()))

@@ -4,11 +4,15 @@ from configs.default_cifar10_configs import get_default_configs
 from configs.model_presets import set_ddpm
 
 
-def get_config():
-    config = set_ddpm(get_default_configs())
+def set_discrete_vp(config):
+    """The discrete DDPM objective (VP, continuous=False, mean over dimensions) with ancestral sampling."""
     config.training.sde = "vpsde"
     config.training.continuous = False
     config.training.reduce_mean = True
     config.sampling.predictor = "ancestral_sampling"
     config.sampling.corrector = "none"
     return config
+
+
+def get_config():
+    return set_discrete_vp(set_ddpm(get_default_configs()))
