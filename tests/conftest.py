@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-REFERENCE_DIR = os.environ.get("SCORE_SDE_REFERENCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "reference"))
+# Reference data produced from the original code, kept in the repository (tests/data/README.md says what each file is).
+DATA_DIR = os.path.join(ROOT, "tests", "data")
+VECTORS_DIR = os.path.join(DATA_DIR, "vectors")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

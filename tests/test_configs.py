@@ -1,4 +1,4 @@
-"""The config files reproduce the released score_sde / Soft Truncation configurations (shared/reference)."""
+"""The config files reproduce the released score_sde / Soft Truncation configurations (tests/data)."""
 
 import importlib
 import json
@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from conftest import REFERENCE_DIR
+from conftest import DATA_DIR
 
-ST_CONFIGS = json.load(open(os.path.join(REFERENCE_DIR, "soft_truncation_configs.json")))
-LAYOUTS = json.load(open(os.path.join(REFERENCE_DIR, "state_dict_layouts.json")))
+ST_CONFIGS = json.load(open(os.path.join(DATA_DIR, "soft_truncation_configs.json")))
+LAYOUTS = json.load(open(os.path.join(DATA_DIR, "state_dict_layouts.json")))
 
 # Legacy files of the Soft Truncation repository that its own code rejects (training.sde = 'rve-sde'); not carried.
 LEGACY = {name for name, cfg in ST_CONFIGS.items() if cfg["training"].get("sde") == "rve-sde"}

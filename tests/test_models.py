@@ -25,8 +25,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-REF = "/work/shared/reference"
-VECTORS = os.path.join(REF, "vectors")
+from conftest import DATA_DIR, VECTORS_DIR  # noqa: E402
+
+VECTORS = VECTORS_DIR
 
 # score_sde's default model fields plus the Soft Truncation switches (filled in where a config lacks them).
 DEFAULT_MODEL = dict(
@@ -112,7 +113,7 @@ def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
 # Compatibility with the released checkpoints
 
 
-with open(os.path.join(REF, "state_dict_layouts.json")) as f:
+with open(os.path.join(DATA_DIR, "state_dict_layouts.json")) as f:
     LAYOUTS = json.load(f)
 
 

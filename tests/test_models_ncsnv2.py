@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR
 from test_configs import flatten, load_config, mismatch
 
 import models  # noqa: F401  (registers the networks)
@@ -34,9 +35,7 @@ from models import ema as ema_lib
 from models import layers, ncsnv2, normalization
 from models import utils as mutils
 
-REFERENCE = torch.load(
-    os.path.join(os.path.dirname(__file__), "data", "ncsnv2_reference.pt"), weights_only=True, map_location="cpu"
-)
+REFERENCE = torch.load(os.path.join(DATA_DIR, "ncsnv2_reference.pt"), weights_only=True, map_location="cpu")
 CONFIGS = REFERENCE["configs"]
 OUTPUTS = REFERENCE["outputs"]
 

@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_DIR
+from conftest import VECTORS_DIR
 
 import run_lib
 import utils
 from configs.default_cifar10_configs import get_default_configs
 from configs.model_presets import set_ddpmpp
 
-VECTORS = os.path.join(REFERENCE_DIR, "vectors")
+VECTORS = VECTORS_DIR
 
 
 def tiny_config(**training):
