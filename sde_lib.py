@@ -675,7 +675,9 @@ def truncation_pdf(tau: Tensor | float, k: float, eps: float, T: float = 1.0) ->
 # Construction from a config
 # ----------------------------------------------------------------------------------------------------
 
-_SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rvesde", "reciprocal_vesde")
+# The reciprocal VE SDE answers to this project's name, the ST repository's and its legacy UNCSN configs' one.
+RVE_NAMES = ("rvesde", "reciprocal_vesde", "rve-sde")
+_SDE_NAMES = ("vpsde", "subvpsde", "vesde", *RVE_NAMES)
 
 
 def _config_get(section, name: str, default):
@@ -702,14 +704,14 @@ def get_sde(config) -> tuple[SDE, float]:
     elif name == "vesde":
         sde = VESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=n)
         sampling_eps = 1e-5
-    elif name in ("rvesde", "reciprocal_vesde"):
+    elif name in RVE_NAMES:
         eps = float(_config_get(config.training, "truncation_time", 1e-5))
         sde = RVESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=n, eps=eps)
         sampling_eps = eps
     else:
         raise ValueError(
             f"Unknown config.training.sde = {config.training.sde!r}; valid names: {', '.join(_SDE_NAMES)} "
-            "(the Soft Truncation repo's legacy 'rve-sde' configs correspond to 'rvesde')."
+            f"({', '.join(RVE_NAMES)} all name the reciprocal VE SDE)."
         )
     sampling_section = getattr(config, "sampling", None)
     override = _config_get(sampling_section, "truncation_time", None)

@@ -35,4 +35,6 @@ def get_config():
     blur.sampler_noise = True
 
     config.sampling.method = "momentum"
+    config.eval.begin_ckpt = 9  # checkpoints 9-26, the eval loss only (as configs/cifar10_blur.py)
+    config.eval.enable_sampling = False
     return config

@@ -46,6 +46,17 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.corruption = "gaussian"
     # reliability
     training.max_nonfinite_steps = 10  # consecutive NaN/Inf losses tolerated (step skipped) before stopping
+    # Soft Truncation repository fields (defaults: score_sde's behaviour)
+    training.ddpm_score = True  # VP / sub-VP networks predict the noise: score = -output / sigma(t)
+    training.reconstruction_loss = False  # add the decoder term at tau (see data.dequantization)
+    training.num_train_data = 0  # expected number of training images (0: not checked)
+    training.whatever_sampling = False  # the ST repository's debug switch: sample at every training step
+    # True: Soft Truncation draws tau for VP / sub-VP only and VE / RVE train on the fixed [eps, 1], as the ST
+    # repository's code did (its VE / RVE "+ ST" runs); False: tau ~ P_k for every SDE
+    training.st_vp_only = False
+    # '' : t ~ U[tau, T], or t ~ g^2/sigma^2 under importance sampling (score_sde); 'importance': t ~ g^2/sigma^2
+    # whatever the weighting, without the Z factor (the ST repository's reciprocal VE SDE: t = 1 / U(1, 1/tau))
+    training.time_sampling = ""
 
     # sampling
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -60,6 +71,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.batch_size = 64  # snapshot sample grid size during training
     sampling.nfe = 35  # budget of the fast samplers ('heun', 'dpm_solver')
     sampling.dpm_solver_order = 3
+    sampling.sample_more = True  # --mode eval draws new samples (False: only evaluates the samples on disk)
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()
@@ -83,6 +95,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.bpd_atol = 1e-5
     evaluate.inception_path = ""  # torch-fidelity Inception weights; '' -> $SCORE_SDE_INCEPTION_WEIGHTS
     evaluate.stats_path = ""  # reference statistics npz; '' -> assets/stats/<dataset>_stats.npz
+    # Soft Truncation repository's bits/dim fields (defaults: score_sde's evaluation)
+    evaluate.nll_iter = 5  # passes of the probability-flow NLL over the bits/dim data (score_sde: 5)
+    evaluate.nelbo_iter = 0  # passes of the continuous NELBO (score_sde: none)
+    evaluate.num_test_data = 0  # images of the bits/dim split to use (0: all)
+    evaluate.lambda_ = 0.0  # reverse process of the likelihood: 0 = probability-flow ODE
 
     # data
     config.data = data = ml_collections.ConfigDict()
@@ -91,9 +108,15 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.random_flip = True
     data.centered = False
     data.uniform_dequantization = False
+    data.dequantization = "none"  # Soft Truncation field: 'none', 'uniform' or 'lossless' (discrete decoder)
     data.num_channels = 3
     data.root = ""  # '' -> $SCORE_SDE_DATA/<dataset> or ./data/<dataset> (see datasets.py)
     data.num_workers = 0
+    data.download = True  # fetch public data (CIFAR-10, STL-10) and the Inception weights on first use
+    # image folders and LMDB (LSUN, FFHQ, CelebAHQ, IMAGE_FOLDER): '' keeps the dataset's own preprocessing
+    data.crop = ""  # '' | 'center' (square, then resize) | 'short_side' (resize short side, then crop) | 'none'
+    data.resize_filter = ""  # '' | 'bicubic' | 'bilinear' (antialiased, as tf.image.resize) | 'box' (area mean)
+    data.eval_root = ""  # a separate folder of evaluation images ('' -> the last data.num_eval images)
 
     # model
     config.model = model = ml_collections.ConfigDict()
@@ -104,6 +127,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.beta_max = 20.0
     model.dropout = 0.1
     model.embedding_type = "fourier"
+    model.fourier_feature = False  # Soft Truncation option: sin / cos input features before the first conv
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()
@@ -112,6 +136,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.lr = 2e-4
     optim.beta1 = 0.9
     optim.eps = 1e-8
+    optim.amsgrad = False
     optim.warmup = 5000
     optim.grad_clip = 1.0
     optim.num_micro_batch = 1  # gradient accumulation: micro-batches per step (they share one tau)

@@ -1,4 +1,5 @@
-"""Defaults for 256x256 datasets (CelebA-HQ), as score_sde's default_lsun_configs."""
+"""Defaults for 256x256 datasets, as score_sde's default_lsun_configs (LSUN, sigma_max 378, 2000 scales); the
+CelebA-HQ, FFHQ and LSUN configs start from them and set their dataset."""
 
 import ml_collections
 
@@ -13,10 +14,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.training.snapshot_freq_for_preemption = 5000
     config.sampling.snr = 0.075
     config.sampling.batch_size = 16
+    config.eval.begin_ckpt = 50
+    config.eval.end_ckpt = 96
     config.eval.batch_size = 512
-    config.data.dataset = "CelebAHQ"
+    config.eval.enable_sampling = True
+    config.data.dataset = "LSUN"
     config.data.image_size = 256
-    config.data.num_eval = 1000  # CelebAHQ: the last 1000 images (sorted) are the evaluation split
-    config.model.sigma_max = 348
+    config.data.num_eval = 1000  # CelebAHQ / folders without a split: the last 1000 images (sorted) are evaluated
+    config.model.sigma_max = 378
     config.model.num_scales = 2000
+    config.model.dropout = 0.0
     return config

@@ -60,6 +60,7 @@ def get_config():
     evaluate.enable_loss = True
     evaluate.enable_bpd = True  # exact bits/dim through the probability-flow ODE
     evaluate.bpd_num_repeats = 1
+    evaluate.nll_iter = 1  # one bits/dim pass (the same count as bpd_num_repeats)
     evaluate.max_bpd_batches = 1
     evaluate.bpd_rtol = 1e-4  # looser than score_sde's 1e-5: a CPU-friendly demo
     evaluate.bpd_atol = 1e-4

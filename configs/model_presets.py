@@ -65,3 +65,33 @@ def set_ncsnpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def set_ddpm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The original DDPM network (Ho et al. 2020) as score_sde configures it for VP / sub-VP: 2 blocks, EMA 0.9999."""
     return _set_unet(config, "ddpm", num_res_blocks=2)
+
+
+def set_ncsnpp_256(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN++ as score_sde configures it for 256 px: no dropout, ch_mult (1, 1, 2, 2, 2, 2, 2), 2 blocks per
+    resolution, output_skip / input_skip progressive paths."""
+    set_ncsnpp(config)
+    model = config.model
+    model.dropout = 0.0
+    model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.progressive = "output_skip"
+    model.progressive_input = "input_skip"
+    return config
+
+
+def set_ncsnpp_1024(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN++ as score_sde configures it for 1024 px: nf 16, ch_mult (1, 2, 4, 8, 16, 32, 32, 32), 1 block per
+    resolution, EMA 0.9999, batch 8, snr 0.15, checkpoints evaluated from 1 in batches of 1024."""
+    set_ncsnpp_256(config)
+    model = config.model
+    model.nf = 16
+    model.ch_mult = (1, 2, 4, 8, 16, 32, 32, 32)
+    model.num_res_blocks = 1
+    model.ema_rate = 0.9999
+    config.data.image_size = 1024
+    config.training.batch_size = 8
+    config.sampling.snr = 0.15
+    config.eval.begin_ckpt = 1
+    config.eval.batch_size = 1024
+    return config

@@ -1,21 +1,60 @@
 """Shared settings of the Soft Truncation repository's experiment configs (Kim et al. 2022).
 
 `vp_base` is its DDPM++ (VP) setting, `ve_base` its NCSN++ (VE/RVE) setting; the files under configs/vp/<DATA>/
-and configs/ve/<DATA>/ start from one of them and change only what the original file changes. Fields of the
-original that do nothing in this code base are not carried (see README, "Configs").
+and configs/ve/<DATA>/ start from one of them and change only what the original file changes, so each file at an
+original path holds the original's value in every field it defines (tests/test_configs.py). The improvements this
+project makes over the released runs live in files of their own, built with `st_for_ve` and `uncsnpp_rve`
+(README, "Configs").
 """
 
 from collections.abc import Callable
 
 import ml_collections
 
-from configs.model_presets import set_ddpmpp, set_ncsnpp
+from configs import default_cifar10_configs, default_lsun_configs
+from configs.model_presets import set_ddpmpp, set_ncsnpp, set_ncsnpp_256
+
+# (training.num_train_data, eval.num_test_data) of the ST repository's defaults. Its 256 px defaults copy CelebA's
+# training-set size (its code checks the number for ImageNet only) and define no test-set size (0 here: all).
+ST_DATA_SIZES = {
+    "CIFAR10": (50000, 10000),
+    "CELEBA": (162770, 19962),
+    "IMAGENET32": (1281149, 49999),
+    "CelebAHQ": (162770, 0),
+    "LSUN": (162770, 0),
+    "FFHQ": (162770, 0),
+}
+
+
+def st_repository_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The fields the ST repository's defaults add to score_sde's, with their values (set after data.dataset)."""
+    num_train, num_test = ST_DATA_SIZES[config.data.dataset]
+    training = config.training
+    training.ddpm_score = True
+    training.reconstruction_loss = False
+    training.num_train_data = num_train
+    training.whatever_sampling = False
+    training.stabilizing_constant = 1e-3
+    config.data.dequantization = "none"
+    config.model.fourier_feature = False
+    config.optim.amsgrad = False
+    config.optim.num_micro_batch = 1
+    config.sampling.sample_more = True
+    evaluate = config.eval
+    evaluate.num_test_data = num_test
+    evaluate.nll_iter = 0
+    evaluate.nelbo_iter = 0
+    evaluate.lambda_ = 0.0
+    evaluate.probability_flow = True
+    evaluate.residual = True
+    return config
 
 
 def vp_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
     """DDPM++ (VP) with Soft Truncation k = 1, importance-sampled likelihood weighting, ODE sampler."""
     config = get_defaults()
     set_ddpmpp(config)
+    st_repository_fields(config)
     training = config.training
     training.sde = "vpsde"
     training.continuous = True
@@ -39,10 +78,11 @@ def vp_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collect
 
 
 def ve_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
-    """NCSN++ (VE) with Soft Truncation k = 2 and the predictor-corrector sampler.
+    """NCSN++ (VE) with the predictor-corrector sampler, as the ST repository's VE / RVE "+ ST" runs trained.
 
-    Deliberate difference: the original VE/RVE files set no k and its code never applied ST to VE/RVE (papers.md
-    section 3); here ST is applied with the paper's k = 2.
+    Their files set training.st = True, but the repository's code draws tau for VP only (papers.md section 3):
+    the released VE / RVE runs trained on the fixed [eps, 1], which training.st_vp_only = True reproduces.
+    `st_for_ve` gives the Soft Truncation the paper describes.
     """
     config = vp_base(get_defaults)
     set_ncsnpp(config)
@@ -50,27 +90,95 @@ def ve_base(get_defaults: Callable[[], ml_collections.ConfigDict]) -> ml_collect
     training.sde = "vesde"
     training.reduce_mean = False
     training.importance_sampling = False
-    training.k = 2.0
+    training.st_vp_only = True
     config.sampling.method = "pc"
     config.sampling.predictor = "reverse_diffusion"
     config.sampling.corrector = "langevin"
     return config
 
 
-def unbounded_ve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """UNCSN++ on the reciprocal VE SDE: s_min = 1e-3 and the bounded noise embedding u(sigma).
+def ve_256_base(dataset: str) -> ml_collections.ConfigDict:
+    """The ST repository's 256 px NCSN++ setting (CelebA-HQ, LSUN, FFHQ): score_sde's 256 px network, batch 64,
+    24M steps, PC sampling down to t = 1e-3, checkpoints 50-96 evaluated with sampling."""
+    config = ve_base(default_lsun_configs.get_default_configs)
+    config.data.dataset = dataset
+    st_repository_fields(config)
+    set_ncsnpp_256(config)
+    training = config.training
+    training.batch_size = 64
+    training.n_iters = 24000001
+    training.log_freq = 1000
+    training.eval_freq = 500
+    training.snapshot_freq = 200000
+    training.snapshot_freq_for_preemption = 5000
+    config.sampling.snr = 0.075
+    config.sampling.batch_size = 16
+    config.sampling.truncation_time = 0.001
+    evaluate = config.eval
+    evaluate.batch_size = 512
+    evaluate.begin_ckpt = 50
+    evaluate.end_ckpt = 96
+    evaluate.enable_sampling = True
+    return config
 
-    To evaluate a checkpoint released by the Soft Truncation repository exactly as it was trained (its embedding
-    transform was dead code there), pass --config.training.unbounded_parametrization=False.
+
+def uncsn_legacy(config: ml_collections.ConfigDict, eta: float, threshold: str) -> ml_collections.ConfigDict:
+    """The ST repository's legacy UNCSN files (from its predecessor, "Score Matching Model for Unbounded Data
+    Score"): the reciprocal VE SDE under its old name 'rve-sde', which the repository's own code rejects and
+    sde_lib accepts as the reciprocal VE SDE, with sigma(eps) = eta = s_min; no Soft Truncation. Their section
+    `uncsn` (eta, threshold) is never read: eta is model.sigma_min here."""
+    config.training.sde = "rve-sde"
+    config.training.st = False
+    config.model.sigma_min = eta
+    config.uncsn = ml_collections.ConfigDict({"eta": eta, "threshold": threshold})
+    return config
+
+
+def uncsn_cifar10(eta: float, threshold: str, num_res_blocks: int) -> ml_collections.ConfigDict:
+    """The legacy UNCSN CIFAR-10 files: NCSN++ on the reciprocal VE SDE, likelihood weighting with
+    importance-sampled time, no Soft Truncation."""
+    config = uncsn_legacy(ve_base(default_cifar10_configs.get_default_configs), eta=eta, threshold=threshold)
+    config.training.importance_sampling = True
+    config.training.likelihood_weighting = True
+    config.model.num_res_blocks = num_res_blocks
+    return config
+
+
+def reciprocal_ve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ST repository's UNCSN++ files: reciprocal VE SDE with eta = s_min = 1e-3 (sigma at eps).
+
+    The file name's bounded noise embedding was dead code there (the network took log sigma): the released runs
+    have training.unbounded_parametrization = False, as here; `uncsnpp_rve` switches it on. Its reciprocal VE
+    SDE drew training times t = 1 / U(1, 1/eps) (the importance density g^2/sigma^2 ~ 1/t^2) with the variance
+    weighting and no Z factor, although the files set importance_sampling = False: training.time_sampling =
+    'importance' reproduces that.
     """
-    config.training.sde = "rvesde"
-    config.training.unbounded_parametrization = True
+    config.training.sde = "reciprocal_vesde"
+    config.training.time_sampling = "importance"
+    config.training.eta = 0.001
+    config.training.model_mode = "reciprocal"
     config.model.sigma_min = 0.001
     return config
 
 
+def st_for_ve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """This project's VE / RVE Soft Truncation: tau ~ P_k really drawn for VE / RVE, with the paper's k = 2."""
+    config.training.st = True
+    config.training.k = 2.0
+    config.training.st_vp_only = False
+    return config
+
+
+def uncsnpp_rve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """UNCSN++ as the paper describes it: the reciprocal VE SDE, the bounded noise embedding u(sigma) in use
+    (training.unbounded_parametrization = True) and Soft Truncation applied with k = 2."""
+    config.training.sde = "reciprocal_vesde"
+    config.training.unbounded_parametrization = True
+    return st_for_ve(config)
+
+
 def celeba_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The CelebA 64 files' training length, logging and batch sizes (shared by all of them)."""
+    """The CelebA 64 files' training length, logging, batch sizes and checkpoint range (shared by all of them)."""
     training = config.training
     training.n_iters = 1300001
     training.log_freq = 50
@@ -78,6 +186,8 @@ def celeba_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     training.snapshot_sampling = True
     config.sampling.batch_size = 512
     config.eval.batch_size = 1024
+    config.eval.begin_ckpt = 1
+    config.eval.enable_sampling = False
     return config
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import layers, layerspp, utils
 
-VE_FAMILY = ("vesde", "rvesde", "reciprocal_vesde")
+VE_FAMILY = ("vesde", "rvesde", "reciprocal_vesde", "rve-sde")  # sde_lib.RVE_NAMES are the RVE aliases
 
 
 def _opt(section, name: str, default):

@@ -531,7 +531,21 @@ def test_get_sde_sampling_override_and_defaults():
 
 def test_get_sde_unknown_name():
     with pytest.raises(ValueError, match="vpsde.*subvpsde.*vesde.*rvesde"):
-        sde_lib.get_sde(_config("rve-sde"))
+        sde_lib.get_sde(_config("cosine"))
+
+
+def test_get_sde_reciprocal_ve_aliases():
+    """The ST repository's 'reciprocal_vesde' and its legacy configs' 'rve-sde' build this project's RVE SDE."""
+    reference, _ = sde_lib.get_sde(_config("rvesde"))
+    for name in ("reciprocal_vesde", "rve-sde", "RVE-SDE"):
+        sde, _ = sde_lib.get_sde(_config(name))
+        assert type(sde) is sde_lib.RVESDE
+        assert (sde.sigma_min, sde.sigma_max, sde.eps, sde.N) == (
+            reference.sigma_min,
+            reference.sigma_max,
+            reference.eps,
+            reference.N,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------

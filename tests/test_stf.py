@@ -404,7 +404,7 @@ STF_CONFIGS = {
     "configs.ve.CIFAR10.ncsnpp_stf": "configs.ve.cifar10_ncsnpp_continuous",
     "configs.vp.CIFAR10.ddpmpp_stf": "configs.vp.cifar10_ddpmpp_continuous",
     "configs.vp.CIFAR10.ddpmpp_nll_st_stf": "configs.vp.CIFAR10.ddpmpp_nll_st",
-    "configs.ve.CIFAR10.uncsnpp_st_stf": "configs.ve.CIFAR10.uncsnpp_st",
+    "configs.ve.CIFAR10.uncsnpp_st_stf": "configs.ve.CIFAR10.uncsnpp_st_rve",
     "configs.demo_stf": "configs.demo",
 }
 

@@ -5,4 +5,6 @@ from configs.ve.cifar10_ncsnpp import set_smld_ncsnpp
 
 
 def get_config():
-    return set_smld_ncsnpp(get_default_configs())
+    config = set_smld_ncsnpp(get_default_configs())
+    config.model.sigma_begin = 90  # NCSN's name for sigma_max; never read
+    return config

@@ -1,20 +1,13 @@
 """score_sde: NCSN++ (VE, continuous) on CelebA-HQ 256."""
 
 from configs.default_lsun_configs import get_default_configs
-from configs.model_presets import set_ncsnpp
+from configs.model_presets import set_ncsnpp_256
+from configs.ve import set_continuous_ve_pc
 
 
 def get_config():
-    config = set_ncsnpp(get_default_configs())
-    config.training.sde = "vesde"
-    config.training.continuous = True
-    config.sampling.method = "pc"
-    config.sampling.predictor = "reverse_diffusion"
-    config.sampling.corrector = "langevin"
-    model = config.model
-    model.dropout = 0.0
-    model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.progressive = "output_skip"
-    model.progressive_input = "input_skip"
+    config = set_continuous_ve_pc(set_ncsnpp_256(get_default_configs()))
+    config.data.dataset = "CelebAHQ"
+    config.data.tfrecords_path = "/home/yangsong/ncsc/celebahq/r08.tfrecords"  # never read here (README)
+    config.model.sigma_max = 348
     return config

@@ -13,4 +13,5 @@ def get_config():
     config.model.scale_by_sigma = True
     config.model.ema_rate = 0.999
     config.data.centered = False
+    config.model.conv_size = 3  # never read (score_sde's networks use 3x3 convolutions)
     return config

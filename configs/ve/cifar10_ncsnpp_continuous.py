@@ -2,13 +2,8 @@
 
 from configs.default_cifar10_configs import get_default_configs
 from configs.model_presets import set_ncsnpp
+from configs.ve import set_continuous_ve_pc
 
 
 def get_config():
-    config = set_ncsnpp(get_default_configs())
-    config.training.sde = "vesde"
-    config.training.continuous = True
-    config.sampling.method = "pc"
-    config.sampling.predictor = "reverse_diffusion"
-    config.sampling.corrector = "langevin"
-    return config
+    return set_continuous_ve_pc(set_ncsnpp(get_default_configs()))

@@ -1,38 +1,18 @@
-"""UNCSN++ (RVE) + ST on CelebA-HQ 256: k = 2, s_max = 348, ch_mult (1, 1, 2, 2, 2, 2, 2), 2 blocks, output_skip /
-input_skip progressive paths, 2000 scales.
+"""The Soft Truncation repository's "UNCSN++ (RVE) + ST" on CelebA-HQ 256 as released: k = 2, s_max = 348,
+ch_mult (1, 1, 2, 2, 2, 2, 2), 2 blocks, output_skip / input_skip progressive paths, 2000 scales.
 
-Deliberate difference: the original file trains the plain VE SDE under the "RVE" name (papers.md section 3); here
-it is the reciprocal VE SDE it is named after (s_min kept at the file's 0.01).
+As trained (papers.md section 3): the plain VE SDE with s_min = 0.01 despite the name, log sigma embedded, and tau
+never drawn for VE (training.st_vp_only = True). Use it to evaluate the released checkpoint;
+ve/celebahq/uncsnpp_st_rve.py is the reciprocal VE SDE the name promises.
 """
 
-from configs.default_lsun_configs import get_default_configs
-from configs.st_presets import unbounded_ve, ve_base
+from configs.st_presets import ve_256_base
 
 
 def get_config():
-    config = ve_base(get_default_configs)
-    unbounded_ve(config)
+    config = ve_256_base("CelebAHQ")
+    config.data.tfrecords_path = "/data/CelebAHQ_256/celeba_r08.tfrecords"  # never read here (README)
+    config.training.k = 2.0
     config.model.sigma_min = 0.01
-    model = config.model
-    model.sigma_max = 348
-    model.num_scales = 2000
-    model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.dropout = 0.0
-    model.progressive = "output_skip"
-    model.progressive_input = "input_skip"
-    training = config.training
-    training.batch_size = 64
-    training.n_iters = 24000001
-    training.log_freq = 1000
-    training.eval_freq = 500
-    training.snapshot_freq = 200000
-    training.snapshot_freq_for_preemption = 5000
-    config.sampling.snr = 0.075
-    config.sampling.batch_size = 16
-    config.sampling.truncation_time = 0.001
-    config.eval.batch_size = 512
-    config.eval.begin_ckpt = 50
-    config.eval.end_ckpt = 96
-    config.eval.enable_sampling = True
+    config.model.sigma_max = 348
     return config

@@ -1,0 +1,11 @@
+"""score_sde: NCSN++ (VE, continuous) on LSUN bedroom 256."""
+
+from configs.default_lsun_configs import get_default_configs
+from configs.model_presets import set_ncsnpp_256
+from configs.ve import set_continuous_ve_pc
+
+
+def get_config():
+    config = set_continuous_ve_pc(set_ncsnpp_256(get_default_configs()))
+    config.data.category = "bedroom"
+    return config

@@ -1,0 +1,11 @@
+"""Soft Truncation repository (legacy UNCSN file): NCSN++ with the reciprocal VE SDE ('rve-sde') on LSUN bedroom
+256, eta = s_min = 1e-3, s_max = 378, no Soft Truncation."""
+
+from configs.st_presets import uncsn_legacy, ve_256_base
+
+
+def get_config():
+    config = uncsn_legacy(ve_256_base("LSUN"), eta=1e-3, threshold="initial")
+    config.data.category = "bedroom"
+    config.model.sigma_max = 378
+    return config

@@ -1,0 +1,8 @@
+"""Soft Truncation repository (legacy UNCSN file): NCSN++ with the reciprocal VE SDE ('rve-sde') on CIFAR-10,
+eta = s_min = 1e-3, likelihood weighting by importance sampling, no Soft Truncation."""
+
+from configs.st_presets import uncsn_cifar10
+
+
+def get_config():
+    return uncsn_cifar10(eta=1e-3, threshold="initial", num_res_blocks=4)

@@ -1,0 +1,13 @@
+"""score_sde: NCSN++ (VE, continuous) on FFHQ 256 (sigma_max 348)."""
+
+from configs.default_lsun_configs import get_default_configs
+from configs.model_presets import set_ncsnpp_256
+from configs.ve import set_continuous_ve_pc
+
+
+def get_config():
+    config = set_continuous_ve_pc(set_ncsnpp_256(get_default_configs()))
+    config.data.dataset = "FFHQ"
+    config.data.tfrecords_path = "/home/yangsong/ncsc/ffhq/ffhq-r08.tfrecords"  # never read here (README)
+    config.model.sigma_max = 348
+    return config

@@ -1,0 +1,10 @@
+"""score_sde: DDPM (discrete VP, the original network) on LSUN church_outdoor 256."""
+
+from configs.default_lsun_configs import get_default_configs
+from configs.vp.ddpm.celebahq import set_ddpm_256
+
+
+def get_config():
+    config = set_ddpm_256(get_default_configs())
+    config.data.category = "church_outdoor"
+    return config
