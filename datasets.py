@@ -7,7 +7,8 @@ Both loaders yield dicts {'image', 'label'}; get_data_scaler(config) maps [0, 1]
 Images are kept as uint8 (in memory, memory-mapped, or decoded from their files on demand) and converted
 to float32 once per batch, which is also where the random horizontal flip (training loader only, when
 config.data.random_flip) and the uniform dequantization x = (k + u) / 256, u ~ U[0, 1), happen; without
-dequantization x = k / 255. Images without a class label (CELEBA, CelebAHQ, unlabeled STL10) get label -1.
+dequantization x = k / 255. Images without a class label (CELEBA, CelebAHQ, FFHQ, LSUN, IMAGE_FOLDER,
+unlabeled STL10) get label -1.
 
 Loaders. The training loader reshuffles every epoch (its torch.Generator is seeded with config.seed, so
 the order is reproducible) and drops the last incomplete batch. get_dataset(..., rank=r, world_size=w)
@@ -29,18 +30,43 @@ $SCORE_SDE_DATA/<config.data.dataset> when the environment variable SCORE_SDE_DA
   CIFAR10     cifar-10-batches-py/{data_batch_1..5, test_batch} (the python version), or the unextracted
               cifar-10-python.tar.gz (read directly, nothing is written). Train: the 50000 training
               images; eval: the 10000 test images. Resized (antialiased bilinear) if image_size != 32.
+              Downloaded on first use when the batches are missing and no intact archive is there.
   CELEBA      img_align_celeba/*.jpg and list_eval_partition.txt (in the directory or in Eval/).
               Train: partition 0 (162770 images); eval: partition 1, the validation split (19867), as
               score_sde's tfds 'validation'. Each 178x218 jpg is centre-cropped to 140x140 (39 rows from
               the top, 19 columns from the left) and resized to image_size (64) with antialiased bilinear
               filtering, as score_sde; unlike score_sde (which kept floats) the result is rounded to uint8,
               so the data stay 8-bit. Decoded on demand (use config.data.num_workers > 0 for speed).
-  CelebAHQ    a folder of png/jpg images of any size (e.g. celeba_hq_256/*.png), searched recursively and
-              sorted by relative path. Non-square images are centre-cropped to a square; images of another
-              size than image_size are resized with antialiased bicubic filtering (score_sde's
-              crop_resize). Train: all images (score_sde used one record file for both training and
-              evaluation); eval: the last config.data.num_eval (default 1000) images in sorted order
-              (so they are also in the training set).
+  CelebAHQ    a folder of png/jpg/webp images of any size (e.g. celeba_hq_256/*.png or the 1024x1024
+              images of progressive_growing_of_gans' dataset_tool.py create_celebahq), searched
+              recursively and sorted by relative path. Preprocessing (data.crop / data.resize_filter,
+              below): centre square, then the box filter, i.e. what the TFRecords score_sde read were
+              made with (dataset_tool.py halves the 1024x1024 image by 2x2 averaging in float, level
+              after level, and rounds each level with np.rint: for a power-of-2 ratio that is the exact
+              k x k mean, rounded half to even, which the box filter here reproduces bit for bit).
+              Train: all images (score_sde used one record file for both training and evaluation);
+              eval: the last config.data.num_eval (default 1000) images in sorted order (so they are
+              also in the training set), or every image under config.data.eval_root when it is set.
+  FFHQ        a folder of png images of any resolution, e.g. images1024x1024/00000/00000.png .. 69999.png
+              of https://github.com/NVlabs/ffhq-dataset (searched recursively, sorted by relative path).
+              Preprocessing, splits and data.eval_root as CelebAHQ (score_sde's ffhq-r08 / ffhq-r10
+              TFRecords were made by the same dataset_tool.py pyramid from the 1024x1024 PNGs).
+  LSUN        config.data.category (e.g. 'bedroom', 'church_outdoor'): the official LMDB export, unzipped:
+              <category>_train_lmdb/data.mdb and <category>_val_lmdb/data.mdb (keys: the image ids as
+              ASCII; values: the encoded image, JPEG of quality 75 with the short side 256 as the LSUN
+              release notes say; any format Pillow decodes, WebP included, is accepted). Read with the
+              `lmdb` package, read-only and lazily in each process; the keys, in the database's (sorted)
+              order, are listed once and cached next to data.mdb (.score_sde_keys.npy, memory-mapped).
+              Or image folders <category>_train/ and <category>_val/ (e.g. written by the LSUN repository's
+              `python data.py export`, whose files are named <id>.webp), searched recursively. Train: the
+              train database (tfds 'train'); eval: the val database (300 images, tfds 'validation').
+              Preprocessing as score_sde: for image_size 128 the short side is resized to 128 with
+              antialiased bilinear filtering and the centre 128 x 128 is cropped (resize_small +
+              central_crop); otherwise the centre square is cropped and resized with antialiased bicubic
+              filtering (crop_resize).
+  IMAGE_FOLDER  any folder of png/jpg/jpeg/webp images (config.data.root), searched recursively and sorted
+              by relative path; preprocessing by default as score_sde's crop_resize (centre square,
+              antialiased bicubic); splits as CelebAHQ (the last data.num_eval, or data.eval_root).
   IMAGENET32  Imagenet32_train_npz/train_data_batch_1..10.npz and Imagenet32_val_npz/val_data.npz
               (Chrabaszcz et al. 2017; 'data' N x 3072 uint8 in CHW order, 'labels' 1-based, made
               0-based; 1,281,167 train / 50,000 validation images), or else the png folders train_32x32/
@@ -58,18 +84,42 @@ $SCORE_SDE_DATA/<config.data.dataset> when the environment variable SCORE_SDE_DA
               test_y.bin): uint8 N x 3 x 96 x 96, each channel stored column-major. Train: train +
               unlabeled (5000 + 100000 = 105000 images, the Soft Truncation setting); eval: test (8000).
               The bin files are memory-mapped; batches are resized to image_size (48) with antialiased
-              bilinear filtering when drawn.
+              bilinear filtering when drawn. Downloaded on first use (see Downloads).
   SHAPES      no files: the embedded demo set, generated procedurally and deterministically (make_shapes):
               RGB images of one or two filled, anti-aliased, coloured disks / squares / triangles on a
               light grey background; config.data.num_train (default 4096) training and
               config.data.num_eval (default 1024) evaluation images from config.data.shapes_seed
               (default 0). Label: the kind of the first shape (0 disk, 1 square, 2 triangle).
 
+Preprocessing of the folder / LMDB datasets (LSUN, FFHQ, CelebAHQ, IMAGE_FOLDER; the others ignore it):
+config.data.crop ('' = the dataset's default above):
+  'center'      the centre square of side min(h, w) (top (h - s) // 2, left (w - s) // 2), then resize to
+                image_size (score_sde's crop_resize);
+  'short_side'  resize to (round(h r), round(w r)), r = image_size / min(h, w), then the centre
+                image_size x image_size crop (score_sde's resize_small + central_crop);
+  'none'        resize the whole image to image_size x image_size (the aspect ratio is not kept);
+config.data.resize_filter ('' = the dataset's default): 'bicubic' or 'bilinear' (antialiased when
+shrinking, as tf.image.resize(antialias=True): the Keys cubic with a = -0.5 / the triangle, widened by
+the scale), or 'box' (exact area averaging of the 8-bit values in float64, rounded half to even). Every
+result is rounded to uint8 (score_sde kept floats for its 'short_side' path and truncated with tf.cast in
+crop_resize; a square image whose side equals image_size is passed through unchanged by every choice).
+
+Downloads. CIFAR10 and STL10 have public sources: when their files are missing they are fetched on first
+use with torchvision's downloader (progress bar) into the dataset directory, the archive's MD5 checked with
+torchvision's check_integrity against torchvision's own checksum (DOWNLOADS), and extracted there, giving
+torchvision's layout (cifar-10-python.tar.gz + cifar-10-batches-py/, stl10_binary.tar.gz +
+stl10_binary/). A failed download or a checksum mismatch raises DownloadError (a FileNotFoundError) and
+leaves nothing behind. config.data.download = False (optional, default True) or the environment variable
+SCORE_SDE_OFFLINE=1 keeps everything offline: a missing dataset then stops with the message naming the
+expected files. Data that need a login or a licence (CELEBA, CelebAHQ, FFHQ, LSUN, IMAGENET32) are never
+downloaded; their error message says where to get them and where to put them.
+
 Config fields read: data.dataset, data.image_size, data.num_channels (must be 3), data.centered,
 data.random_flip, data.uniform_dequantization (optional, default False) and the Soft Truncation field
 data.dequantization ('none' | 'uniform', optional), data.root (optional, default ''), data.num_workers
 (optional, default 0), data.num_train / data.num_eval / data.shapes_seed (optional, see above),
-training.batch_size, eval.batch_size, seed (optional, default 0), device (optional).
+data.category (LSUN), data.eval_root, data.crop, data.resize_filter (optional, default ''), data.download
+(optional, default True), training.batch_size, eval.batch_size, seed (optional, default 0), device (optional).
 """
 
 from __future__ import annotations
@@ -91,7 +141,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-DATASETS = ("CIFAR10", "CELEBA", "CelebAHQ", "IMAGENET32", "STL10", "SHAPES")
+DATASETS = ("CIFAR10", "CELEBA", "CelebAHQ", "IMAGENET32", "STL10", "SHAPES", "LSUN", "FFHQ", "IMAGE_FOLDER")
 
 _SOURCES = {
     "CIFAR10": "CIFAR-10 python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html",
@@ -104,9 +154,27 @@ _SOURCES = {
     "et al. 2016 (train_32x32.tar, valid_32x32.tar; the one tensorflow_datasets 'downsampled_imagenet/32x32' "
     "uses)",
     "STL10": "STL-10 binary version (stl10_binary.tar.gz) from https://cs.stanford.edu/~acoates/stl10/",
+    "LSUN": "LSUN scene LMDB databases <category>_train_lmdb.zip and <category>_val_lmdb.zip (e.g. with "
+    "`python download.py -c bedroom` of https://github.com/fyu/lsun; terms of use at https://www.yf.io/p/lsun) "
+    "and unzip them there",
+    "FFHQ": "FFHQ images1024x1024 png files (`python download_ffhq.py --images` of "
+    "https://github.com/NVlabs/ffhq-dataset; licence CC BY-NC-SA 4.0)",
+    "IMAGE_FOLDER": "images of your own",
 }
+_SOURCES["CelebAHQ"] = (
+    "CelebA-HQ (Karras et al. 2018): the 1024x1024 images made by dataset_tool.py create_celebahq of "
+    "https://github.com/tkarras/progressive_growing_of_gans from CelebA and its deltas, or a released resized "
+    "copy (e.g. celeba_hq_256/*.png)"
+)
+_DOWNLOADABLE_HINT = (
+    " It is downloaded automatically on first use unless downloads are off (config.data.download = False or "
+    "the environment variable SCORE_SDE_OFFLINE=1)."
+)
+_LICENSED_HINT = " It is not downloaded automatically (it needs a login or the acceptance of its licence)."
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CROP_MODES = ("center", "short_side", "none")
+RESIZE_FILTERS = ("bicubic", "bilinear", "box")
 _CELEBA_CROP = 140
 _STL_SIZE = 96
 
@@ -166,13 +234,87 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
-def resize_uint8(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
-    """Antialiased resize uint8 [n, C, h, w] -> [n, C, size, size] (filter applied to k / 255, rounded)."""
-    if tuple(images.shape[-2:]) == (size, size):
+def resize_uint8(images: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize uint8 [n, C, h, w] -> [n, C, H, W] (size = H = W, or (H, W)), rounded back to uint8.
+
+    mode 'bilinear' / 'bicubic': antialiased (the kernel widened by the scale when shrinking) as
+    tf.image.resize(antialias=True), applied to k / 255; 'box': box_resize_uint8 (exact area averaging).
+    """
+    out_hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    if tuple(images.shape[-2:]) == out_hw:
         return images
+    if mode == "box":
+        return box_resize_uint8(images, out_hw)
     x = images.float() / 255.0
-    x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
+    x = F.interpolate(x, size=out_hw, mode=mode, align_corners=False, antialias=True)
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def box_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] float64 box filter: output i averages the input span [i s, (i + 1) s), s = n_in / n_out,
+    each input pixel j weighted by its overlap with that span (rows sum to 1)."""
+    s = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64)[:, None] * s
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(lo + s, j + 1) - torch.maximum(lo, j)).clamp_(min=0)
+    return overlap / s
+
+
+def box_resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Box-filter resize of uint8 [n, C, h, w] to size (H, W) on the 8-bit values, in float64, rounded half to even.
+
+    For integer ratios this is the exact k x k block mean: for powers of 2 it equals, bit for bit, the
+    TFRecord pyramid of progressive_growing_of_gans' dataset_tool.py (repeated 2x2 float averages, np.rint)
+    that made score_sde's CelebA-HQ and FFHQ data.
+    """
+    n, c, h, w = images.shape
+    out_h, out_w = size
+    x = images.to(torch.float64)
+    if h % out_h == 0 and w % out_w == 0:
+        out = x.reshape(n, c, out_h, h // out_h, out_w, w // out_w).mean(dim=(3, 5))
+    else:
+        out = box_weights(h, out_h) @ x @ box_weights(w, out_w).T
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def crop_and_resize(
+    images: torch.Tensor, size: int, crop: int | str = "center", resize_filter: str = "bicubic"
+) -> torch.Tensor:
+    """uint8 [n, C, h, w] -> [n, C, size, size]: crop, then resize with resize_filter (see resize_uint8).
+
+    crop: an int k: the centre k x k crop, then resize (CelebA's 140); 'center': the centre square of side
+    min(h, w), then resize (score_sde's crop_resize); 'short_side': resize to (round(h r), round(w r)) with
+    r = size / min(h, w), then the centre size x size crop (score_sde's resize_small + central_crop);
+    'none': resize the whole image to size x size.
+    """
+    h, w = images.shape[-2:]
+    if isinstance(crop, (int, np.integer)) and not isinstance(crop, bool):
+        return resize_uint8(center_crop(images, int(crop)), size, resize_filter)
+    if crop == "center":
+        return resize_uint8(center_crop(images, min(h, w)), size, resize_filter)
+    if crop == "short_side":
+        ratio = size / min(h, w)
+        resized = resize_uint8(images, (max(size, round(h * ratio)), max(size, round(w * ratio))), resize_filter)
+        return center_crop(resized, size)
+    if crop == "none":
+        return resize_uint8(images, size, resize_filter)
+    raise ValueError(f"crop must be an int or one of {', '.join(CROP_MODES)}; got {crop!r}")
+
+
+def decode_image(source: str | bytes, name: str | None = None) -> torch.Tensor:
+    """An encoded image (a file path, or the bytes of any format Pillow reads: PNG, JPEG, WebP, ...) -> uint8
+    RGB [3, h, w]. name: how the image is called in error messages (default: the path)."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = name or str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source) as img:
+            array = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {name} is missing (listed in the dataset, not on disk)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {name} ({err}); replace the corrupt file") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def stl10_decode(raw: np.ndarray) -> np.ndarray:
@@ -327,14 +469,17 @@ class ArrayImageDataset(ImageDataset):
 
 
 class FileImageDataset(ImageDataset):
-    """Images decoded from files on fetch: RGB, centre crop (crop=None: to the short side), resize."""
+    """Images decoded from files on fetch: RGB, then crop_and_resize(crop, resize_mode).
+
+    crop: an int (fixed centre crop), 'center' (None: the same), 'short_side' or 'none' (see crop_and_resize).
+    """
 
     def __init__(
         self,
         paths: list,
         labels: np.ndarray,
         image_size: int,
-        crop: int | None = None,
+        crop: int | str | None = None,
         resize_mode: str = "bilinear",
         random_flip: bool = False,
         uniform_dequantization: bool = False,
@@ -344,7 +489,7 @@ class FileImageDataset(ImageDataset):
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.paths):
             raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} images")
-        self.crop = crop
+        self.crop = "center" if crop is None else crop
         self.resize_mode = resize_mode
 
     def __len__(self) -> int:
@@ -352,23 +497,56 @@ class FileImageDataset(ImageDataset):
 
     def load(self, path: str) -> torch.Tensor:
         """One image file -> uint8 [3, image_size, image_size] (decode, crop, resize)."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file {path} is missing (listed in the dataset, not on disk)") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot decode image file {path} ({err}); replace the corrupt file") from None
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1)
-        crop = self.crop if self.crop is not None else min(image.shape[-2:])
-        image = center_crop(image, crop)
-        return resize_uint8(image[None], self.image_size, self.resize_mode)[0]
+        image = decode_image(path)
+        return crop_and_resize(image[None], self.image_size, self.crop, self.resize_mode)[0]
 
     def fetch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([self.load(self.paths[i]) for i in indices])
         return images, torch.from_numpy(self.labels[indices])
+
+
+class LMDBImageDataset(ImageDataset):
+    """Encoded images in an LMDB database (LSUN's export: key = image id, value = JPEG / WebP bytes), in the
+    order of `keys`; decoded, then crop_and_resize(crop, resize_mode), on fetch.
+
+    The database is opened read-only (no lock file needed) on the first fetch in each process and the handle
+    is shared by every dataset of that process (_lmdb_environment), so DataLoader workers and data-parallel
+    ranks each use their own; the dataset itself pickles as a path and the keys. Labels are -1.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        keys,
+        image_size: int,
+        crop: int | str = "center",
+        resize_mode: str = "bicubic",
+        random_flip: bool = False,
+        uniform_dequantization: bool = False,
+    ) -> None:
+        super().__init__(image_size, random_flip, uniform_dequantization)
+        self.path = path
+        self.keys = keys
+        self.crop = crop
+        self.resize_mode = resize_mode
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def fetch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images = []
+        with _lmdb_environment(self.path).begin(write=False) as txn:
+            for i in indices:
+                key = bytes(self.keys[i])
+                value = txn.get(key)
+                if value is None:
+                    raise ValueError(
+                        f"{self.path}: key {key!r} listed in the key cache is not in the database; delete "
+                        f"{os.path.join(self.path, _LMDB_KEYS_CACHE)} to rebuild it"
+                    )
+                image = decode_image(value, f"{key.decode('ascii', 'replace')} of {self.path}")
+                images.append(crop_and_resize(image[None], self.image_size, self.crop, self.resize_mode)[0])
+        return torch.stack(images), torch.full((len(indices),), -1, dtype=torch.int64)
 
 
 class _Memmap:
@@ -403,10 +581,16 @@ class _Memmap:
 
 
 def _missing(name: str, root: str, expected: str) -> FileNotFoundError:
-    """The error for a missing dataset: expected path(s), format and download source."""
+    """The error for a missing dataset: expected path(s), format, download source and whether it downloads."""
+    if name == "IMAGE_FOLDER":
+        return FileNotFoundError(
+            f"IMAGE_FOLDER: expected {expected} under {os.path.abspath(root)}. Set config.data.root to a folder of "
+            f"{'/'.join(e[1:] for e in _IMAGE_EXTENSIONS)} images (searched recursively)."
+        )
+    hint = _DOWNLOADABLE_HINT if name in DOWNLOADS else _LICENSED_HINT
     return FileNotFoundError(
         f"{name} not found: expected {expected} under the dataset directory {os.path.abspath(root)}. "
-        f"Download the {_SOURCES[name]}, or point config.data.root (or $SCORE_SDE_DATA/{name}) to it."
+        f"Download the {_SOURCES[name]}, or point config.data.root (or $SCORE_SDE_DATA/{name}) to it.{hint}"
     )
 
 
@@ -526,23 +710,135 @@ def _read_celeba(root: str):
     return splits[0], splits[1]
 
 
-def _read_celebahq(root: str, num_eval: int):
-    """CelebA-HQ image paths: all (train) and the last num_eval in sorted order (eval)."""
-    if not os.path.isdir(root):
-        raise _missing("CelebAHQ", root, "a folder of .png/.jpg images (e.g. celeba_hq_256/*.png)")
-    paths = sorted(
+def _list_images(folder: str) -> list[str]:
+    """The image files (png/jpg/jpeg/webp) under folder, searched recursively, sorted by path."""
+    return sorted(
         p
-        for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
         if p.lower().endswith(_IMAGE_EXTENSIONS) and os.path.isfile(p)
     )
+
+
+def _read_image_folder(name: str, root: str, num_eval: int, eval_root: str = ""):
+    """Image paths of a folder dataset (CelebAHQ, FFHQ, IMAGE_FOLDER): train = all of them; eval = the last
+    num_eval in sorted order, or all images under eval_root when it is set."""
+    example = {"CelebAHQ": " (e.g. celeba_hq_256/*.png)", "FFHQ": " (e.g. images1024x1024/00000/00000.png)"}
+    expected = f"a folder of .png/.jpg/.webp images{example.get(name, '')}"
+    if not os.path.isdir(root):
+        raise _missing(name, root, expected)
+    paths = _list_images(root)
     if not paths:
-        raise _missing("CelebAHQ", root, "a folder of .png/.jpg images (none found)")
+        raise _missing(name, root, f"{expected}; none found")
+    if eval_root:
+        eval_root = os.path.expanduser(str(eval_root))
+        eval_paths = _list_images(eval_root) if os.path.isdir(eval_root) else []
+        if not eval_paths:
+            raise FileNotFoundError(
+                f"config.data.eval_root = {eval_root!r} holds no .png/.jpg/.webp images (searched recursively); "
+                "point it to the evaluation images, or leave it empty to evaluate on the last data.num_eval images."
+            )
+        return paths, eval_paths
     if not 0 < num_eval < len(paths):
         raise ValueError(
             f"config.data.num_eval = {num_eval} must be in [1, {len(paths) - 1}] for the {len(paths)} "
-            f"CelebAHQ images found under {root}"
+            f"{name} images found under {root} (or set config.data.eval_root to a separate evaluation folder)"
         )
     return paths, paths[-num_eval:]
+
+
+_LMDB_KEYS_CACHE = ".score_sde_keys.npy"
+
+
+def _open_lmdb(path: str):
+    """Open an LMDB database folder (data.mdb inside) read-only, without a lock file (works on read-only media)."""
+    import lmdb
+
+    try:
+        return lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as err:
+        raise ValueError(
+            f"cannot open the LMDB database {path} ({err}); unzip the downloaded archive again (it must hold data.mdb)"
+        ) from None
+
+
+# (process id, real path) -> open lmdb.Environment: py-lmdb allows one handle per database and process.
+_LMDB_ENVIRONMENTS: dict = {}
+
+
+def _lmdb_environment(path: str):
+    """This process's read-only handle of an LMDB database (opened on first use, then kept). A handle inherited
+    from the parent through fork (a DataLoader worker) is closed in this process and the database reopened, as
+    LMDB requires."""
+    pid, real = os.getpid(), os.path.realpath(path)
+    if (pid, real) not in _LMDB_ENVIRONMENTS:
+        for inherited in [k for k in _LMDB_ENVIRONMENTS if k[1] == real]:
+            _LMDB_ENVIRONMENTS.pop(inherited).close()
+        _LMDB_ENVIRONMENTS[pid, real] = _open_lmdb(path)
+    return _LMDB_ENVIRONMENTS[pid, real]
+
+
+def _lmdb_keys(path: str):
+    """All keys of an LMDB database in its (sorted) order, as a fixed-width bytes array.
+
+    Cached as path/.score_sde_keys.npy (memory-mapped, so workers share it) and rebuilt when older than
+    data.mdb or of another length than the database; kept in memory when the folder is not writable.
+    """
+    import lmdb
+
+    data_file = os.path.join(path, "data.mdb")
+    cache = os.path.join(path, _LMDB_KEYS_CACHE)
+    shared = _LMDB_ENVIRONMENTS.get((os.getpid(), os.path.realpath(path)))
+    env = shared if shared is not None else _open_lmdb(path)
+    try:
+        with env.begin(write=False) as txn:
+            count = txn.stat()["entries"]
+            if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(data_file):
+                try:
+                    keys = _Memmap(cache)
+                    if len(keys) == count and keys.array.dtype.kind == "S":
+                        return keys
+                except (ValueError, OSError):
+                    pass  # unreadable cache: rebuild it
+            listed = list(txn.cursor().iternext(keys=True, values=False))
+    except lmdb.Error as err:
+        raise ValueError(f"cannot read the LMDB database {path} ({err}); unzip the archive again") from None
+    finally:
+        if shared is None:
+            env.close()
+    if not listed:
+        raise ValueError(f"the LMDB database {path} holds no images; unzip the archive again")
+    if any(k.endswith(b"\0") for k in listed):
+        raise ValueError(f"{path}: keys ending in a NUL byte are not supported")
+    keys = np.array(listed, dtype=f"S{max(len(k) for k in listed)}")
+    tmp = f"{cache}.tmp{os.getpid()}.npy"
+    try:
+        np.save(tmp, keys)
+        os.replace(tmp, cache)
+    except OSError as err:
+        logging.warning("LSUN: cannot write the key cache %s (%s); keeping the keys in memory", cache, err)
+        return keys
+    return _Memmap(cache)
+
+
+def _read_lsun(root: str, category: str):
+    """LSUN <category>: for 'train' and 'val', ('lmdb', folder, keys) of <category>_<split>_lmdb/, or
+    ('files', paths) of the image folder <category>_<split>/."""
+    out = []
+    for split in ("train", "val"):
+        database = os.path.join(root, f"{category}_{split}_lmdb")
+        folder = os.path.join(root, f"{category}_{split}")
+        if os.path.isfile(os.path.join(database, "data.mdb")):
+            out.append(("lmdb", database, _lmdb_keys(database)))
+        elif os.path.isdir(folder) and _list_images(folder):
+            out.append(("files", _list_images(folder)))
+        else:
+            raise _missing(
+                "LSUN",
+                root,
+                f"{category}_{split}_lmdb/data.mdb (the unzipped {category}_{split}_lmdb.zip; the other split "
+                f"too: {category}_train_lmdb/ and {category}_val_lmdb/), or an image folder {category}_{split}/",
+            )
+    return out
 
 
 def _bad_npz(path: str, err: Exception) -> ValueError:
@@ -794,6 +1090,156 @@ def make_shapes(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Downloads (public datasets only)
+
+OFFLINE_ENV_VAR = "SCORE_SDE_OFFLINE"
+
+
+class DownloadError(FileNotFoundError):
+    """A file could not be fetched (network error, or a checksum mismatch); nothing partial is left on disk.
+
+    A FileNotFoundError, so that callers which treat missing data as a reason to skip (run_lib's evaluation)
+    do the same for a failed download.
+    """
+
+
+class _Download(NamedTuple):
+    """A public archive: where it comes from, its MD5, and the files the reader needs once it is extracted."""
+
+    url: str
+    filename: str
+    md5: str
+    files: tuple
+    readable_archive: bool  # the reader reads the archive itself (no extraction needed)
+
+
+# URLs and MD5 checksums of torchvision.datasets.CIFAR10 / STL10 (tests/test_downloads.py checks they agree).
+DOWNLOADS = {
+    "CIFAR10": _Download(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        tuple(f"cifar-10-batches-py/{n}" for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+        True,
+    ),
+    "STL10": _Download(
+        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+        "stl10_binary.tar.gz",
+        "91f7769df0f17e558f3565bffb0c7dfb",
+        tuple(f"stl10_binary/{n}" for n in ("train_X.bin", "unlabeled_X.bin", "test_X.bin")),
+        False,
+    ),
+}
+
+
+def downloads_enabled(download: bool | None = None) -> bool:
+    """Whether files may be fetched: not when $SCORE_SDE_OFFLINE is 1/true/yes/on, else `download` (None: yes)."""
+    if os.environ.get(OFFLINE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    return True if download is None else bool(download)
+
+
+def offline_reason(download: bool | None = None) -> str:
+    """Why downloads are off (for error messages), '' when they are on."""
+    if os.environ.get(OFFLINE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"${OFFLINE_ENV_VAR} is set"
+    return "" if download is None or download else "config.data.download = False"
+
+
+def _remove(path: str) -> None:
+    """Delete a file if it exists."""
+    if os.path.lexists(path):
+        os.remove(path)
+
+
+def download_file(url: str, path: str, md5: str) -> str:
+    """Fetch url to path with torchvision's downloader (progress bar) and check its MD5 (torchvision's
+    calculate_md5). The file is written under a temporary name and renamed once verified; on any failure it
+    is removed and DownloadError says what happened and how to fetch the file by hand."""
+    from torchvision.datasets.utils import calculate_md5, download_url
+
+    folder, name = os.path.split(os.path.abspath(path))
+    partial = f"{name}.{os.getpid()}.partial"
+    tmp = os.path.join(folder, partial)
+    manual = f"Download {url} yourself to {path}, or retry."
+    logging.info("Downloading %s to %s", url, path)
+    try:
+        download_url(url, folder, partial)
+    except Exception as err:  # network errors (URLError, HTTPError, timeouts), redirect loops, a full disk
+        _remove(tmp)
+        raise DownloadError(f"Could not download {url} ({type(err).__name__}: {err}). {manual}") from err
+    except BaseException:  # an interrupted download leaves nothing behind
+        _remove(tmp)
+        raise
+    actual = calculate_md5(tmp)
+    if actual != md5:
+        _remove(tmp)
+        raise DownloadError(
+            f"The file downloaded from {url} is corrupt: its MD5 is {actual}, expected {md5}; it was removed. {manual}"
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def _extract(archive: str, root: str, files: tuple) -> None:
+    """Extract archive (torchvision's extract_archive) into a private folder under root, then move its
+    top-level entries into root (an entry another process already put there is kept)."""
+    import shutil
+
+    from torchvision.datasets.utils import extract_archive
+
+    staging = os.path.join(root, f".extract.{os.getpid()}")
+    try:
+        extract_archive(archive, staging)
+        for entry in os.listdir(staging):
+            target = os.path.join(root, entry)
+            if os.path.isdir(target) and all(os.path.isfile(os.path.join(root, f)) for f in files):
+                continue
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(os.path.join(staging, entry), target)
+            except OSError:  # another process (a data-parallel rank) moved its copy in first
+                if not all(os.path.isfile(os.path.join(root, f)) for f in files):
+                    raise
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise DownloadError(f"Could not extract {archive} into {root} ({err}); delete it and retry.") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise DownloadError(f"{archive} did not hold {', '.join(missing)}; delete it and retry.")
+
+
+def ensure_downloaded(name: str, root: str, download: bool | None = None) -> bool:
+    """Fetch and extract a public dataset (DOWNLOADS: CIFAR10, STL10) into root when its files are missing
+    and downloads are enabled; True if something was fetched or extracted.
+
+    An archive already in root is kept when its MD5 is right (CIFAR-10's is then read as it is) and fetched
+    again when it is not.
+    """
+    spec = DOWNLOADS.get(name)
+    if spec is None or all(os.path.isfile(os.path.join(root, f)) for f in spec.files):
+        return False
+    if not downloads_enabled(download):
+        return False
+    from torchvision.datasets.utils import check_integrity
+
+    archive = os.path.join(root, spec.filename)
+    intact = check_integrity(archive, spec.md5)
+    if intact and spec.readable_archive:
+        return False
+    os.makedirs(root, exist_ok=True)
+    if not intact:
+        if os.path.exists(archive):
+            logging.warning("%s: %s fails its MD5 check; downloading it again.", name, archive)
+        download_file(spec.url, archive, spec.md5)
+    logging.info("%s: extracting %s into %s", name, archive, root)
+    _extract(archive, root, spec.files)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
 # Public entry points
 
 
@@ -827,6 +1273,51 @@ def _check_config(config) -> str:
     return name
 
 
+# score_sde's preprocessing of each folder / LMDB dataset (crop, resize filter); LSUN at 128 px differs.
+_DEFAULT_PREPROCESSING = {
+    "CelebAHQ": ("center", "box"),
+    "FFHQ": ("center", "box"),
+    "LSUN": ("center", "bicubic"),
+    "IMAGE_FOLDER": ("center", "bicubic"),
+}
+
+
+def _preprocessing(config, name: str) -> tuple[str, str]:
+    """(crop, resize filter) of a folder / LMDB dataset: config.data.crop / resize_filter, else its default."""
+    default = _DEFAULT_PREPROCESSING[name]
+    if name == "LSUN" and int(config.data.image_size) == 128:
+        default = ("short_side", "bilinear")  # score_sde: resize_small then central_crop at 128 px
+    crop = config.data.get("crop", "") or default[0]
+    resize_filter = config.data.get("resize_filter", "") or default[1]
+    if crop not in CROP_MODES:
+        raise ValueError(f"config.data.crop must be '' (the dataset's default) or one of {CROP_MODES}; got {crop!r}")
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(
+            f"config.data.resize_filter must be '' (the dataset's default) or one of {RESIZE_FILTERS}; "
+            f"got {resize_filter!r}"
+        )
+    return crop, resize_filter
+
+
+def _lsun_category(config) -> str:
+    """config.data.category, required for LSUN."""
+    category = config.data.get("category", "")
+    if not isinstance(category, str) or not category:
+        raise ValueError(
+            "config.data.category must name the LSUN category for data.dataset = 'LSUN' (e.g. 'bedroom' or "
+            f"'church_outdoor', as score_sde's configs); got {category!r}"
+        )
+    return category
+
+
+def _lsun_dataset(source: tuple, size: int, flip: bool, dequantize: bool, kw: dict) -> ImageDataset:
+    """The ImageDataset of one LSUN split from _read_lsun: an LMDB database or an image folder."""
+    common = {"random_flip": flip, "uniform_dequantization": dequantize, **kw}
+    if source[0] == "lmdb":
+        return LMDBImageDataset(source[1], source[2], size, **common)
+    return FileImageDataset(source[1], np.full(len(source[1]), -1), size, **common)
+
+
 def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
     """The requested splits ('train' / 'eval') of config.data.dataset as ImageDatasets."""
     name = _check_config(config)
@@ -852,6 +1343,7 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
             out.append(arrays((images, labels), f))
         return out
     if name in ("CIFAR10", "IMAGENET32", "STL10"):
+        ensure_downloaded(name, root, config.data.get("download", True))
         reader = {"CIFAR10": _read_cifar10, "IMAGENET32": _read_imagenet32, "STL10": _read_stl10}[name]
         sources = dict(zip(("train", "eval"), reader(root)))
         decode = stl10_decode if name == "STL10" else None
@@ -859,9 +1351,14 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
     if name == "CELEBA":
         files = dict(zip(("train", "eval"), _read_celeba(root)))
         kw = {"crop": _CELEBA_CROP, "resize_mode": "bilinear"}
-    else:  # CelebAHQ
-        files = dict(zip(("train", "eval"), _read_celebahq(root, int(config.data.get("num_eval", 1000)))))
-        kw = {"crop": None, "resize_mode": "bicubic"}
+    else:
+        crop, resize_filter = _preprocessing(config, name)
+        kw = {"crop": crop, "resize_mode": resize_filter}
+        if name == "LSUN":
+            sources = dict(zip(("train", "eval"), _read_lsun(root, _lsun_category(config))))
+            return [_lsun_dataset(sources[s], size, f, dequantize, kw) for s, f in zip(splits, flip)]
+        num_eval = int(config.data.get("num_eval", 1000))
+        files = dict(zip(("train", "eval"), _read_image_folder(name, root, num_eval, config.data.get("eval_root", ""))))
     return [
         FileImageDataset(
             files[s], np.full(len(files[s]), -1), size, random_flip=f, uniform_dequantization=dequantize, **kw

@@ -4,9 +4,14 @@ resumable sample and feature writers used by run_lib.evaluate (papers.md section
 Features come from the TF Inception-v3 graph of 2015-12-05 (used by score_sde and the FID/IS literature),
 reproduced in PyTorch by torch-fidelity's FeatureExtractorInceptionV3: 'pool_3' = its '2048' output, 'logits'
 = its 1008-way 'logits' output with the fc bias (as tfgan's classifier_score_from_logits in score_sde).
-The weights are read from a local file only (no download):
-  config.eval.inception_path, else the environment variable SCORE_SDE_INCEPTION_WEIGHTS, else
-  torch-fidelity's own download cache ($TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth).
+The weights file is config.eval.inception_path, else the environment variable SCORE_SDE_INCEPTION_WEIGHTS,
+else torch-fidelity's own download cache ($TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth).
+When none is given and the cache lacks the file, it is downloaded there on first use from torch-fidelity's URL
+(INCEPTION_WEIGHTS_URL) with torch.hub's downloader (progress bar), which checks that its SHA-256 starts with
+the 8 hex digits the file name carries (torch hub's naming rule: 6726825d) and removes it otherwise; a failure
+raises datasets.DownloadError (a FileNotFoundError). Downloads are off with download=False (run_lib passes
+config.data.download) or the environment variable SCORE_SDE_OFFLINE=1: the missing file then gives the
+message saying where to get it. The file is read with torch.load(weights_only=True).
 Images: uint8 in [0, 255] (NCHW or NHWC) or floats in [0, 1] (NCHW). Floats become uint8 like score_sde's
 sample writer, floor(255 x) (with a 1e-3 guard so that exact k / 255 values map to k). One channel is
 repeated to three.
@@ -32,6 +37,8 @@ INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
 )
+# torch hub naming: <name>-<first 8 hex digits of the file's SHA-256>.pth (checked by download_inception_weights)
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
 INCEPTION_ENV_VAR = "SCORE_SDE_INCEPTION_WEIGHTS"
 POOL_DIM, LOGITS_DIM = 2048, 1008
 
@@ -53,9 +60,37 @@ def _missing_weights_error(detail: str) -> FileNotFoundError:
     )
 
 
-def resolve_inception_path(path: str | None = None) -> str:
+def download_inception_weights(path: str) -> str:
+    """Fetch torch-fidelity's weights file from INCEPTION_WEIGHTS_URL to path with torch.hub's downloader
+    (progress bar; written to a temporary file, moved into place only when its SHA-256 starts with
+    INCEPTION_WEIGHTS_SHA256_PREFIX). Raises datasets.DownloadError, leaving nothing on disk, on failure."""
+    from datasets import DownloadError
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    manual = f"Download {INCEPTION_WEIGHTS_URL} yourself to {path}, or retry."
+    logging.info("Downloading the Inception weights %s to %s", INCEPTION_WEIGHTS_URL, path)
+    try:
+        torch.hub.download_url_to_file(
+            INCEPTION_WEIGHTS_URL, path, hash_prefix=INCEPTION_WEIGHTS_SHA256_PREFIX, progress=True
+        )
+    except RuntimeError as err:  # torch.hub's hash check
+        raise DownloadError(
+            f"The file downloaded from {INCEPTION_WEIGHTS_URL} is corrupt ({err}; its SHA-256 must start with "
+            f"{INCEPTION_WEIGHTS_SHA256_PREFIX}); it was removed. {manual}"
+        ) from err
+    except OSError as err:  # network errors (URLError, HTTPError, timeouts), a full disk
+        raise DownloadError(
+            f"Could not download {INCEPTION_WEIGHTS_URL} ({type(err).__name__}: {err}). {manual}"
+        ) from err
+    return path
+
+
+def resolve_inception_path(path: str | None = None, download: bool | None = None) -> str:
     """Weights file: `path` (a file, or a folder holding it), else $SCORE_SDE_INCEPTION_WEIGHTS, else the
-    torch hub cache where torch-fidelity downloads it; a clear FileNotFoundError otherwise."""
+    torch hub cache where torch-fidelity keeps it, downloaded there when missing unless downloads are off
+    (download=False or $SCORE_SDE_OFFLINE); a clear FileNotFoundError otherwise."""
+    import datasets
+
     if path:
         source = "config.eval.inception_path"
     elif os.environ.get(INCEPTION_ENV_VAR):
@@ -64,9 +99,11 @@ def resolve_inception_path(path: str | None = None) -> str:
         hub = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILENAME)
         if os.path.isfile(hub):
             return hub
+        if datasets.downloads_enabled(download):
+            return download_inception_weights(hub)
         raise _missing_weights_error(
             f"No Inception weights given (config.eval.inception_path is empty, ${INCEPTION_ENV_VAR} is "
-            f"unset and {hub} does not exist)."
+            f"unset and {hub} does not exist; automatic download is off: {datasets.offline_reason(download)})."
         )
     if os.path.isdir(path):
         path = os.path.join(path, INCEPTION_WEIGHTS_FILENAME)
@@ -114,14 +151,18 @@ class InceptionFeatures(torch.nn.Module):
 
 
 def get_inception_model(
-    inceptionv3: bool = False, weights_path: str | None = None, device: torch.device | str | None = None
+    inceptionv3: bool = False,
+    weights_path: str | None = None,
+    device: torch.device | str | None = None,
+    download: bool | None = None,
 ) -> InceptionFeatures:
     """The Inception feature network (score_sde name). score_sde used another TF-Hub network (inception_v3
     feature vectors) for images >= 256 px (inceptionv3=True); here every resolution uses the 2015-12-05 graph,
-    as torch-fidelity and most FID tables do, so numbers at 256 px differ from score_sde's."""
+    as torch-fidelity and most FID tables do, so numbers at 256 px differ from score_sde's.
+    download: see resolve_inception_path (None: download unless $SCORE_SDE_OFFLINE is set)."""
     if inceptionv3:
         logging.info("get_inception_model(inceptionv3=True): using the TF 2015-12-05 Inception graph.")
-    model = InceptionFeatures(resolve_inception_path(weights_path))
+    model = InceptionFeatures(resolve_inception_path(weights_path, download=download))
     return model.to(device if device is not None else "cpu").eval()
 
 
@@ -152,14 +193,25 @@ def to_uint8_nchw(images) -> torch.Tensor:
 
 
 def run_inception(
-    images, inception_model: torch.nn.Module, batch_size: int = 64, device: torch.device | str | None = None
+    images,
+    inception_model: torch.nn.Module,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool | str = False,
 ) -> dict:
-    """{'pool_3': [N, 2048], 'logits': [N, 1008]} float32 NumPy features of images, computed in batches."""
+    """{'pool_3': [N, 2048], 'logits': [N, 1008]} float32 NumPy features of images, computed in batches.
+
+    progress: show a tqdm bar over the batches (a str is its description; True: 'Inception features').
+    """
+    from tqdm.auto import tqdm
+
     if device is None:
         device = next(iter(inception_model.parameters()), torch.empty(0)).device
     pools, logits = [], []
     n = len(images)
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    description = progress if isinstance(progress, str) else "Inception features"
+    for start in tqdm(starts, total=len(starts), desc=description, unit="batch", disable=not progress):
         batch = to_uint8_nchw(images[start : start + batch_size]).to(device)
         pool, logit = inception_model(batch)
         pools.append(pool.float().cpu().numpy())
@@ -173,13 +225,18 @@ def run_inception(
 
 
 def run_inception_distributed(
-    input_tensor, inception_model: torch.nn.Module, num_batches: int = 1, inceptionv3: bool = False
+    input_tensor,
+    inception_model: torch.nn.Module,
+    num_batches: int = 1,
+    inceptionv3: bool = False,
+    progress: bool | str = False,
 ) -> dict:
     """score_sde's name for run_inception: {'pool_3', 'logits'} NumPy features of a sample batch (uint8 NHWC as
     score_sde's run_lib passes, or [0, 1] floats NCHW). num_batches and inceptionv3 are accepted and unused
-    (one device; the same Inception graph at every resolution, see get_inception_model)."""
+    (one device; the same Inception graph at every resolution, see get_inception_model). progress: as
+    run_inception."""
     del num_batches, inceptionv3
-    return run_inception(input_tensor, inception_model)
+    return run_inception(input_tensor, inception_model, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------

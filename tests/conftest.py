@@ -16,6 +16,10 @@ VECTORS_DIR = os.path.join(DATA_DIR, "vectors")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# No test reaches the internet: datasets / Inception weights are never downloaded (datasets.downloads_enabled);
+# tests/test_downloads.py lifts this for its own 127.0.0.1 server. Inherited by the subprocesses tests start.
+os.environ["SCORE_SDE_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="module")
 def single_thread():

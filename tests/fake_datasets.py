@@ -6,6 +6,8 @@ returns the number of (train, eval) images it wrote.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 from pathlib import Path
@@ -82,11 +84,73 @@ def write_celebahq(root: Path, n_images: int = 1001, size: int = 256, seed: int 
     return n_images, min(n_images - 1, 1000)
 
 
+def write_lmdb(folder: Path, items: dict) -> None:
+    """An LMDB database folder (data.mdb, lock.mdb) holding items {key bytes: value bytes}, written with `lmdb`."""
+    import lmdb
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(folder), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        for key, value in items.items():
+            txn.put(key, value)
+    env.close()
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "JPEG", **options) -> bytes:
+    """HWC uint8 pixels encoded by Pillow (LSUN's databases hold JPEG of quality 75)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def lsun_key(category: str, split: str, i: int) -> bytes:
+    """A key like LSUN's: 40 lowercase hex digits (the image id), ASCII."""
+    return hashlib.sha1(f"{category}/{split}/{i}".encode()).hexdigest().encode("ascii")
+
+
+def write_lsun(
+    root: Path,
+    categories: tuple = ("bedroom", "church_outdoor"),
+    n_train: int = 3,
+    n_val: int = 2,
+    shape: tuple = (256, 320),
+    seed: int = 0,
+) -> tuple[int, int]:
+    """The official LSUN export, unzipped: <category>_{train,val}_lmdb/ LMDB databases whose values are JPEG
+    (quality 75) images with the short side 256 (the LSUN release) and keys their 40-hex-digit ids."""
+    rng = np.random.default_rng(seed)
+    for category in categories:
+        for split, n in (("train", n_train), ("val", n_val)):
+            items = {}
+            for i in range(n):
+                pixels = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+                items[lsun_key(category, split, i)] = encode_image(pixels, "JPEG", quality=75)
+            write_lmdb(Path(root) / f"{category}_{split}_lmdb", items)
+    return n_train, n_val
+
+
+def write_ffhq(root: Path, n_images: int = 1001, size: int = 256, seed: int = 0) -> tuple[int, int]:
+    """images1024x1024/NNNNN/MMMMM.png as the ffhq-dataset release (one subfolder per thousand), size x size
+    (1024 in the release); like write_celebahq, 1001 images of which the first 4 carry random pixels."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_images):
+        folder = Path(root) / "images1024x1024" / f"{i // 1000 * 1000:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if i < 4:
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        else:
+            pixels = np.full((size, size, 3), rng.integers(0, 256, 3, dtype=np.uint8), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)
+    return n_images, min(n_images - 1, 1000)
+
+
 WRITERS = {
     "CIFAR10": write_cifar10,
     "CELEBA": write_celeba,
     "IMAGENET32": write_imagenet32,
     "CelebAHQ": write_celebahq,
+    "LSUN": write_lsun,
+    "FFHQ": write_ffhq,
 }
 
 

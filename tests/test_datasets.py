@@ -1,10 +1,13 @@
 """Tests for datasets.py: every dataset format is written in miniature under tmp_path and read back."""
 
 import copy
+import io
+import math
 import os
 import pickle
 import tarfile
 
+import fake_datasets
 import ml_collections
 import numpy as np
 import pytest
@@ -410,7 +413,7 @@ def test_celebahq_folder_split_and_crop(tmp_path):
     assert abs(down[0][0].float().mean() - float(arrays[0].mean())) < 6
     with pytest.raises(ValueError, match="num_eval"):
         datasets.get_eval_dataset(make_config("CelebAHQ", tmp_path, image_size=16, num_eval=6))
-    with pytest.raises(FileNotFoundError, match=r"\.png/\.jpg images"):
+    with pytest.raises(FileNotFoundError, match=r"\.png/\.jpg/\.webp images"):
         datasets.get_train_dataset(make_config("CelebAHQ", tmp_path / "empty", image_size=16))
 
 
@@ -618,3 +621,338 @@ def test_data_root_rule(tmp_path, monkeypatch):
     assert datasets.data_root(config) == str(tmp_path / "all" / "CIFAR10")
     write_cifar(tmp_path / "all" / "CIFAR10" / "cifar-10-batches-py")
     assert len(datasets.get_train_dataset(config)) == 15
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Preprocessing: independent NumPy references (antialiased separable filters, the StyleGAN pyramid)
+
+
+def keys_cubic(x, a=-0.5):
+    """Keys' cubic convolution kernel (tf.image.resize's bicubic, a = -0.5)."""
+    x = np.abs(x)
+    return np.where(
+        x <= 1,
+        (a + 2) * x**3 - (a + 3) * x**2 + 1,
+        np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0),
+    )
+
+
+def triangle(x):
+    return np.clip(1 - np.abs(x), 0, None)
+
+
+def aa_resize_reference(images, out_h, out_w, kernel):
+    """Antialiased separable resize of [..., h, w] (values 0..255) to (out_h, out_w), rounded: output pixel i
+    weighs input j by kernel((j + 0.5 - (i + 0.5) s) / max(s, 1)), s = n_in / n_out, renormalised."""
+
+    def weights(n_in, n_out):
+        scale = n_in / n_out
+        stretch = max(scale, 1.0)
+        centres = (np.arange(n_out) + 0.5) * scale
+        w = kernel((np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / stretch)
+        return w / w.sum(axis=1, keepdims=True)
+
+    h, w = images.shape[-2:]
+    out = weights(h, out_h) @ (images / 255.0) @ weights(w, out_w).T
+    return np.clip(np.round(out * 255), 0, 255)
+
+
+def stylegan_pyramid_reference(chw, levels):
+    """progressive_growing_of_gans dataset_tool.py: halve by 2x2 float32 averaging `levels` times, then np.rint."""
+    img = chw
+    for _ in range(levels):
+        img = img.astype(np.float32)
+        img = (img[:, 0::2, 0::2] + img[:, 0::2, 1::2] + img[:, 1::2, 0::2] + img[:, 1::2, 1::2]) * 0.25
+    return np.rint(img).clip(0, 255).astype(np.uint8)
+
+
+def area_reference(chw, out_h, out_w):
+    """Exact area averaging: repeat every pixel n_out / g times along each axis, then average blocks of n_in / g
+    (g = gcd(n_in, n_out))."""
+    c, h, w = chw.shape
+    gh, gw = math.gcd(h, out_h), math.gcd(w, out_w)
+    up = np.repeat(np.repeat(chw.astype(np.float64), out_h // gh, axis=1), out_w // gw, axis=2)
+    return up.reshape(c, out_h, h // gh, out_w, w // gw).mean(axis=(2, 4))
+
+
+def chw(array):
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def test_box_resize_is_exact_area_averaging():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (3, 20, 30), dtype=np.uint8)
+    w = datasets.box_weights(20, 8)
+    assert torch.allclose(w.sum(1), torch.ones(8, dtype=torch.float64))
+    out = datasets.box_resize_uint8(torch.from_numpy(img)[None], (8, 12))[0].numpy()
+    exact = area_reference(img, 8, 12)
+    assert np.abs(out - exact).max() <= 0.5 + 1e-9  # rounded exact area means (ties either way)
+    assert np.mean(out == np.rint(exact)) > 0.99
+    # integer ratio: the exact block mean, rounded half to even (the StyleGAN TFRecord pyramid)
+    big = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    sums = big.astype(np.int64).reshape(3, 8, 4, 8, 4).sum(axis=(2, 4))
+    assert (sums % 16 == 8).sum() > 5  # the data hold exact .5 ties, which must round to even
+    box = datasets.box_resize_uint8(torch.from_numpy(big)[None], (8, 8))[0].numpy()
+    np.testing.assert_array_equal(box, stylegan_pyramid_reference(big, 2))
+
+
+def test_antialiased_filters_match_numpy_references():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (2, 3, 40, 60), dtype=np.uint8)
+    for mode, kernel in (("bicubic", keys_cubic), ("bilinear", triangle)):
+        out = datasets.resize_uint8(torch.from_numpy(img), (16, 21), mode).numpy()
+        assert out.shape == (2, 3, 16, 21)
+        assert np.abs(out - aa_resize_reference(img.astype(float), 16, 21, kernel)).max() <= 1
+
+
+def test_crop_and_resize_modes():
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (3, 23, 40), dtype=np.uint8)
+    x = torch.from_numpy(img)[None]
+    # 'center': the centre square (rows 0..22, columns 8..30), then the filter
+    centre = img[:, :, 8:31]
+    out = datasets.crop_and_resize(x, 10, "center", "bicubic")[0].numpy()
+    assert np.abs(out - aa_resize_reference(centre.astype(float), 10, 10, keys_cubic)).max() <= 1
+    np.testing.assert_array_equal(datasets.crop_and_resize(x, 23, "center", "box")[0].numpy(), centre)
+    # 'short_side': resize to (10, round(40 * 10 / 23) = 17), then the centre 10 x 10 (columns 3..12)
+    out = datasets.crop_and_resize(x, 10, "short_side", "bilinear")[0].numpy()
+    ref = aa_resize_reference(img.astype(float), 10, 17, triangle)[:, :, 3:13]
+    assert np.abs(out - ref).max() <= 1
+    # 'none': the whole image squeezed to 10 x 10
+    out = datasets.crop_and_resize(x, 10, "none", "box")[0].numpy()
+    assert np.abs(out - area_reference(img, 10, 10)).max() <= 0.5 + 1e-9
+    with pytest.raises(ValueError, match="crop"):
+        datasets.crop_and_resize(x, 10, "middle")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LSUN (the official LMDB export) and image folders
+
+
+def write_lsun_lmdb(root, category, split, arrays, fmt="JPEG", **options):
+    """<category>_<split>_lmdb with LSUN-style keys; returns {key: decoded HWC image} in key order."""
+    items = {
+        fake_datasets.lsun_key(category, split, i): fake_datasets.encode_image(a, fmt, **options)
+        for i, a in enumerate(arrays)
+    }
+    fake_datasets.write_lmdb(root / f"{category}_{split}_lmdb", items)
+    return {k: np.asarray(Image.open(io.BytesIO(v)).convert("RGB")) for k, v in sorted(items.items())}
+
+
+@pytest.mark.parametrize("category", ["bedroom", "church_outdoor"])
+def test_lsun_lmdb_official_layout(tmp_path, category):
+    rng = np.random.default_rng(3)
+    train = write_lsun_lmdb(
+        tmp_path, category, "train", [rng.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(4)], quality=75
+    )
+    val = write_lsun_lmdb(
+        tmp_path, category, "val", [rng.integers(0, 256, (20, 28, 3), dtype=np.uint8) for _ in range(2)], quality=75
+    )
+    config = make_config("LSUN", tmp_path, image_size=16, category=category)
+    tr, ev = datasets.get_train_dataset(config), datasets.get_eval_dataset(config)
+    assert isinstance(tr, datasets.LMDBImageDataset) and len(tr) == 4 and len(ev) == 2
+    # key order; a 16 x 24 JPEG: the centre 16 x 16 (columns 4..19), exactly the decoded pixels
+    for i, decoded in enumerate(train.values()):
+        image, label = tr[i]
+        assert torch.equal(image, chw(decoded[:, 4:20])) and label == -1
+    # a 20 x 28 image: centre square (columns 4..23), antialiased bicubic to 16 (score_sde's crop_resize)
+    for i, decoded in enumerate(val.values()):
+        ref = aa_resize_reference(decoded[:, 4:24].transpose(2, 0, 1).astype(float), 16, 16, keys_cubic)
+        assert np.abs(ev[i][0].numpy() - ref).max() <= 1
+    # the key cache: written once, memory-mapped afterwards, pickled cheaply for workers
+    cache = tmp_path / f"{category}_train_lmdb" / ".score_sde_keys.npy"
+    assert cache.is_file() and [bytes(k) for k in np.load(cache)] == list(train)
+    again = datasets.get_train_dataset(config)
+    assert isinstance(again.keys, datasets._Memmap) and len(pickle.dumps(again)) < 10_000
+    assert torch.equal(again.get_batch(range(4), augment=False), tr.get_batch(range(4), augment=False))
+    # a worker process opens its own read-only handle: same batches as the main process
+    loader, eval_loader, _ = datasets.get_dataset(
+        make_config("LSUN", tmp_path, image_size=16, category=category, num_workers=1), evaluation=True
+    )
+    assert torch.equal(all_batches(eval_loader)[0], ev.get_batch(range(2), augment=False))
+
+
+def test_lsun_128_resizes_the_short_side_then_crops_and_reads_webp(tmp_path):
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(0, 256, (160, 200, 3), dtype=np.uint8) for _ in range(2)]
+    train = write_lsun_lmdb(tmp_path, "bedroom", "train", arrays, fmt="WEBP", lossless=True)
+    write_lsun_lmdb(tmp_path, "bedroom", "val", arrays[:1], quality=75)
+    by_key = {fake_datasets.lsun_key("bedroom", "train", i): a for i, a in enumerate(arrays)}
+    for key, decoded in train.items():  # lossless WebP values: the original pixels
+        np.testing.assert_array_equal(decoded, by_key[key])
+    tr = datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=128, category="bedroom"))
+    for i, decoded in enumerate(train.values()):
+        # resize_small: 160 x 200 -> 128 x 160 (antialiased bilinear), central_crop: columns 16..143
+        ref = aa_resize_reference(decoded.transpose(2, 0, 1).astype(float), 128, 160, triangle)[:, :, 16:144]
+        out = tr[i][0].numpy()
+        assert out.shape == (3, 128, 128) and np.abs(out - ref).max() <= 1
+    # the config fields override the defaults
+    box = datasets.get_train_dataset(
+        make_config("LSUN", tmp_path, image_size=128, category="bedroom", crop="center", resize_filter="box")
+    )
+    first = next(iter(train.values())).transpose(2, 0, 1)[:, :, 20:180]
+    assert np.abs(box[0][0].numpy() - area_reference(first, 128, 128)).max() <= 0.5 + 1e-9
+
+
+def test_lsun_image_folders_equal_the_database(tmp_path):
+    """`python data.py export` of the LSUN repository writes <key>.webp files (holding the JPEG bytes) in
+    folders named by the key's first 6 characters: read as the same images, in the same order."""
+    rng = np.random.default_rng(5)
+    import lmdb
+
+    write_lsun_lmdb(
+        tmp_path / "db",
+        "church_outdoor",
+        "train",
+        [rng.integers(0, 256, (20, 26, 3), dtype=np.uint8) for _ in range(5)],
+        quality=75,
+    )
+    write_lsun_lmdb(
+        tmp_path / "db",
+        "church_outdoor",
+        "val",
+        [rng.integers(0, 256, (20, 26, 3), dtype=np.uint8) for _ in range(2)],
+        quality=75,
+    )
+    for split in ("train", "val"):
+        env = lmdb.open(str(tmp_path / "db" / f"church_outdoor_{split}_lmdb"), readonly=True, lock=False)
+        with env.begin() as txn:
+            for key, value in txn.cursor():
+                folder = tmp_path / "export" / f"church_outdoor_{split}" / "/".join(key.decode()[:6])
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{key.decode()}.webp").write_bytes(value)
+        env.close()
+    db_config = make_config("LSUN", tmp_path / "db", image_size=16, category="church_outdoor")
+    folder_config = make_config("LSUN", tmp_path / "export", image_size=16, category="church_outdoor")
+    a, b = datasets.get_train_dataset(db_config), datasets.get_train_dataset(folder_config)
+    assert isinstance(b, datasets.FileImageDataset) and len(b) == 5
+    assert torch.equal(a.get_batch(range(5), augment=False), b.get_batch(range(5), augment=False))
+    assert torch.equal(
+        datasets.get_eval_dataset(db_config).get_batch(range(2), augment=False),
+        datasets.get_eval_dataset(folder_config).get_batch(range(2), augment=False),
+    )
+
+
+def test_lsun_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.category"):
+        datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=16))
+    with pytest.raises(FileNotFoundError) as err:
+        datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=16, category="bedroom"))
+    msg = str(err.value)
+    assert "bedroom_train_lmdb/data.mdb" in msg and "bedroom_val_lmdb" in msg and str(tmp_path) in msg
+    assert "github.com/fyu/lsun" in msg and "not downloaded automatically" in msg
+    rng = np.random.default_rng(6)
+    write_lsun_lmdb(tmp_path, "bedroom", "train", [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)], quality=75)
+    with pytest.raises(FileNotFoundError, match="bedroom_val_lmdb/data.mdb"):
+        datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=16, category="bedroom"))
+    fake_datasets.write_lmdb(tmp_path / "bedroom_val_lmdb", {b"0" * 40: b"not an image"})
+    ev = datasets.get_eval_dataset(make_config("LSUN", tmp_path, image_size=16, category="bedroom"))
+    with pytest.raises(ValueError, match="cannot decode image 0000000000.*bedroom_val_lmdb"):
+        ev[0]
+    with pytest.raises(ValueError, match="data.crop"):
+        datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=16, category="bedroom", crop="middle"))
+    with pytest.raises(ValueError, match="data.resize_filter"):
+        datasets.get_train_dataset(
+            make_config("LSUN", tmp_path, image_size=16, category="bedroom", resize_filter="lanczos")
+        )
+    # a database grown after the key cache was written is listed again
+    fake_datasets.write_lmdb(
+        tmp_path / "bedroom_train_lmdb", {b"f" * 40: fake_datasets.encode_image(np.zeros((16, 16, 3), np.uint8))}
+    )
+    assert len(datasets.get_train_dataset(make_config("LSUN", tmp_path, image_size=16, category="bedroom"))) == 2
+
+
+def test_fake_lsun_writer_is_the_real_format(tmp_path):
+    fake_datasets.write_dataset(tmp_path, "LSUN")
+    for category in ("bedroom", "church_outdoor"):
+        config = make_config("LSUN", tmp_path / "LSUN", image_size=256, category=category, batch_size=2)
+        train, ev, _ = datasets.get_dataset(config)
+        assert next(iter(train))["image"].shape == (2, 3, 256, 256) and len(ev.dataset) == 2
+        assert (tmp_path / "LSUN" / f"{category}_train_lmdb" / "data.mdb").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FFHQ, CelebA-HQ and IMAGE_FOLDER
+
+
+def test_ffhq_png_folder_box_pyramid_and_split(tmp_path):
+    rng = np.random.default_rng(7)
+    arrays = {}
+    for i in (0, 1, 2, 999, 1000):  # images1024x1024/00000/00000.png ... /01000/01000.png
+        folder = tmp_path / "images1024x1024" / f"{i // 1000 * 1000:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays[i] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arrays[i]).save(folder / f"{i:05d}.png")
+    config = make_config("FFHQ", tmp_path, image_size=8, num_eval=2)
+    train, ev = datasets.get_train_dataset(config), datasets.get_eval_dataset(config)
+    assert len(train) == 5 and len(ev) == 2
+    order = sorted(arrays)
+    for j, i in enumerate(order):  # 32 -> 8: two levels of the TFRecord pyramid, bit for bit
+        np.testing.assert_array_equal(train[j][0].numpy(), stylegan_pyramid_reference(arrays[i].transpose(2, 0, 1), 2))
+    np.testing.assert_array_equal(ev[1][0].numpy(), stylegan_pyramid_reference(arrays[1000].transpose(2, 0, 1), 2))
+    full = datasets.get_train_dataset(make_config("FFHQ", tmp_path, image_size=32, num_eval=2))
+    assert torch.equal(full[3][0], chw(arrays[999]))  # at the stored resolution: the pixels as they are
+    # a separate evaluation folder
+    (tmp_path / "held_out").mkdir()
+    Image.fromarray(arrays[0]).save(tmp_path / "held_out" / "a.png")
+    ev2 = datasets.get_eval_dataset(
+        make_config("FFHQ", tmp_path / "images1024x1024", image_size=32, eval_root=str(tmp_path / "held_out"))
+    )
+    assert len(ev2) == 1 and torch.equal(ev2[0][0], chw(arrays[0]))
+    with pytest.raises(FileNotFoundError, match="eval_root"):
+        datasets.get_eval_dataset(make_config("FFHQ", tmp_path, image_size=32, eval_root=str(tmp_path / "none")))
+    with pytest.raises(FileNotFoundError, match="images1024x1024.*ffhq-dataset.*not downloaded automatically"):
+        datasets.get_train_dataset(make_config("FFHQ", tmp_path / "missing", image_size=32))
+
+
+def test_celebahq_uses_the_tfrecord_box_filter(tmp_path):
+    rng = np.random.default_rng(8)
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"{i:05d}.png")
+    train = datasets.get_train_dataset(make_config("CelebAHQ", tmp_path, image_size=16, num_eval=1))
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(train[i][0].numpy(), stylegan_pyramid_reference(a.transpose(2, 0, 1), 2))
+    bicubic = datasets.get_train_dataset(
+        make_config("CelebAHQ", tmp_path, image_size=16, num_eval=1, resize_filter="bicubic")
+    )
+    ref = aa_resize_reference(arrays[0].transpose(2, 0, 1).astype(float), 16, 16, keys_cubic)
+    assert np.abs(bicubic[0][0].numpy() - ref).max() <= 1
+
+
+def test_image_folder_formats_and_choices(tmp_path):
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "mine" / "sub"
+    folder.mkdir(parents=True)
+    a = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    Image.fromarray(a).save(folder / "a.png")
+    Image.fromarray(a).save(folder / "b.webp", lossless=True)
+    Image.fromarray(a).save(folder / "c.jpg", quality=95)
+    (folder / "notes.txt").write_text("ignored")
+    root = tmp_path / "mine"
+    config = make_config("IMAGE_FOLDER", root, image_size=12, num_eval=1)
+    train, ev = datasets.get_train_dataset(config), datasets.get_eval_dataset(config)
+    assert len(train) == 3 and len(ev) == 1 and train[0][1] == -1
+    # default: score_sde's crop_resize (centre 30 x 30 = columns 7..36, antialiased bicubic)
+    ref = aa_resize_reference(a[:, 7:37].transpose(2, 0, 1).astype(float), 12, 12, keys_cubic)
+    assert np.abs(train[0][0].numpy() - ref).max() <= 1
+    assert torch.equal(train[0][0], train[1][0])  # lossless WebP: the same pixels as the PNG
+    jpeg = np.asarray(Image.open(folder / "c.jpg").convert("RGB"))  # decoded independently
+    ref_jpeg = aa_resize_reference(jpeg[:, 7:37].transpose(2, 0, 1).astype(float), 12, 12, keys_cubic)
+    assert np.abs(train[2][0].numpy() - ref_jpeg).max() <= 1
+    short = datasets.get_train_dataset(
+        make_config("IMAGE_FOLDER", root, image_size=12, num_eval=1, crop="short_side", resize_filter="bilinear")
+    )
+    # resize_small: 30 x 44 -> 12 x round(17.6) = 18, central_crop: columns 3..14
+    ref = aa_resize_reference(a.transpose(2, 0, 1).astype(float), 12, 18, triangle)[:, :, 3:15]
+    assert np.abs(short[0][0].numpy() - ref).max() <= 1
+    squeezed = datasets.get_train_dataset(
+        make_config("IMAGE_FOLDER", root, image_size=12, num_eval=1, crop="none", resize_filter="box")
+    )
+    assert np.abs(squeezed[0][0].numpy() - area_reference(a.transpose(2, 0, 1), 12, 12)).max() <= 0.5 + 1e-9
+    loader, _, _ = datasets.get_dataset(make_config("IMAGE_FOLDER", root, image_size=12, batch_size=2, num_eval=1))
+    assert next(iter(loader))["image"].shape == (2, 3, 12, 12)
+    with pytest.raises(FileNotFoundError, match="config.data.root"):
+        datasets.get_train_dataset(make_config("IMAGE_FOLDER", tmp_path / "empty", image_size=12))
+    with pytest.raises(ValueError, match="num_eval"):
+        datasets.get_eval_dataset(make_config("IMAGE_FOLDER", root, image_size=12, num_eval=3))

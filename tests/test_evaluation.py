@@ -332,3 +332,17 @@ def test_score_sde_names_for_stats_and_features(inception_weights, tmp_path, mon
     latents = evaluation.run_inception_distributed(images, model, inceptionv3=False)
     np.testing.assert_array_equal(latents["pool_3"], evaluation.run_inception(images, model)["pool_3"])
     assert latents["logits"].shape == (3, 1008)
+
+
+def test_inception_progress_bar_over_batches(capsys):
+    fake = FakeInception()
+    imgs = (images_in_memory(5, 3) * 255).to(torch.uint8)
+    quiet = evaluation.run_inception(imgs, fake, batch_size=2)
+    assert capsys.readouterr().err == ""  # no bar by default
+    shown = evaluation.run_inception(imgs, fake, batch_size=2, progress="features of the samples")
+    err = capsys.readouterr().err
+    assert "features of the samples" in err and "3/3" in err and "batch" in err  # ceil(5 / 2) batches
+    np.testing.assert_array_equal(shown["pool_3"], quiet["pool_3"])
+    evaluation.run_inception_distributed(imgs.permute(0, 2, 3, 1).numpy(), fake, progress=True)
+    err = capsys.readouterr().err
+    assert "Inception features" in err and "1/1" in err
