@@ -21,6 +21,10 @@ Truncation treatments of the smallest time eps:
     -log q = D/2 log(2 pi sigma^2 / alpha^2) + ||z + sigma s||^2 / 2 and H = D/2 log(2 pi e sigma^2), so
     R_eps = -D log alpha + (E||z + sigma s||^2 - D) / 2.
     Variational bound with decoder q: -log p(x0) <= E_{x_eps}[-log p_eps(x_eps)] + R_eps.
+  decoder='lossless' (the Soft Truncation repository's data.dequantization = 'lossless'): q is discretized
+    over the 256 levels of 8-bit data (Ho et al. 2020's discretized Gaussian, bins of width 2/255 in [-1, 1],
+    open-ended edge bins), so the bound is on the discrete -log P(x0) and no dequantization offset is added:
+    -log P(x0) <= E_{x_eps}[-log p_eps(x_eps) - log Q(x0 | x_eps)] - H(p_0eps(. | x0)).
 """
 
 from __future__ import annotations
@@ -76,6 +80,93 @@ def bpd_offset(inverse_scaler: Callable) -> float:
 def nats_to_bpd(nll: torch.Tensor, num_dims: int, offset: float) -> torch.Tensor:
     """bpd = nll / (D ln 2) + offset."""
     return nll / (num_dims * math.log(2.0)) + offset
+
+
+_DECODERS = ("gaussian", "lossless")
+_BIN_HALF_WIDTH = 1.0 / 255.0  # 256 levels k / 255 of [0, 1] mapped to [-1, 1]: spacing 2 / 255
+_EDGE = 0.999  # values beyond +-0.999 in [-1, 1] are the edge levels 0 and 255
+
+
+def _check_decoder(decoder: str, truncation: str) -> None:
+    """decoder must be known; the lossless decoder belongs to the exact truncation treatment."""
+    if decoder not in _DECODERS:
+        raise ValueError(f"decoder {decoder!r} unknown; use one of {_DECODERS}.")
+    if decoder == "lossless" and truncation != "exact":
+        raise ValueError(
+            "The lossless (discretized) decoder is the exact truncation's decoder q(x0 | x_eps): use "
+            "truncation='exact' (config.eval.residual=True) with data.dequantization='lossless'."
+        )
+
+
+def _log_bin_mass(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """log(Phi(hi) - Phi(lo)) for lo <= hi, in log space on the side of the mean where it does not cancel:
+    log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))) with (a, b) = (lo, hi), or (-hi, -lo) when lo > 0."""
+    flip = lo > 0  # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
+    log_a = torch.special.log_ndtr(torch.where(flip, -hi, lo))
+    log_b = torch.special.log_ndtr(torch.where(flip, -lo, hi))
+    return log_b + torch.log(-torch.expm1(torch.clamp(log_a - log_b, max=-1e-30)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log Q(x) per dimension of 8-bit data x in [-1, 1] under N(means, exp(log_scales)^2) discretized to bins
+    [x - 1/255, x + 1/255], the edge levels taking the tails (Ho et al. 2020, eq. 13; the bin mass is floored at
+    1e-12 as in the Soft Truncation repository, which used a tanh approximation of Phi where this uses Phi).
+    Computed in float64 (Phi's tails) and returned in x's dtype."""
+    x64, m64 = x.double(), means.double()
+    inv_std = torch.exp(-log_scales.double())
+    lo = (x64 - m64 - _BIN_HALF_WIDTH) * inv_std
+    hi = (x64 - m64 + _BIN_HALF_WIDTH) * inv_std
+    log_below = torch.special.log_ndtr(hi)  # level 0: (-inf, x + 1/255]
+    log_above = torch.special.log_ndtr(-lo)  # level 255: [x - 1/255, inf)
+    log_q = torch.where(x64 < -_EDGE, log_below, torch.where(x64 > _EDGE, log_above, _log_bin_mass(lo, hi)))
+    return torch.clamp(log_q, min=math.log(1e-12)).to(x.dtype)
+
+
+def to_pm1_affine(inverse_scaler: Callable) -> tuple[float, float]:
+    """(a, b) with 2 inverse_scaler(x) - 1 = a x + b: the model's data range mapped to [-1, 1] (a = 1, b = 0
+    for centered data, a = 2, b = -1 for data in [0, 1])."""
+    zero = float(inverse_scaler(torch.tensor(0.0)))
+    one = float(inverse_scaler(torch.tensor(1.0)))
+    return 2.0 * (one - zero), 2.0 * zero - 1.0
+
+
+def gaussian_decoder(
+    sde, score_fn: ScoreFn, x_eps: torch.Tensor, t_eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The truncation decoder q(x0 | x_eps) = N(mean, std^2 I): mean = (x_eps + sigma^2 s(x_eps, eps)) / alpha,
+    std = sigma / alpha [B] (Tweedie's denoiser; the Soft Truncation repository's 'scoreflow' variance)."""
+    alpha, std = alpha_and_std(sde, t_eps)
+    mean = (x_eps + _bcast(std, x_eps) ** 2 * score_fn(x_eps, t_eps)) / _bcast(alpha, x_eps)
+    return mean, std / alpha
+
+
+def lossless_decoder_nll(
+    x0: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, inverse_scaler: Callable
+) -> torch.Tensor:
+    """-sum_i log Q(x0_i) [B] of 8-bit data x0 (model range) under the decoder N(mean, std^2) discretized to
+    the 256 levels, evaluated in [-1, 1] coordinates (x -> a x + b, std -> a std, a and b of to_pm1_affine)."""
+    a, b = to_pm1_affine(inverse_scaler)
+    log_scales = torch.log(a * _bcast(std, x0)).expand_as(x0)
+    log_q = discretized_gaussian_log_likelihood(a * x0 + b, a * mean + b, log_scales)
+    return -_sum_except_batch(log_q)
+
+
+def gaussian_entropy(std: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """H(N(m, std^2 I_D)) = D/2 (log(2 pi) + 2 log std + 1) [B]."""
+    return 0.5 * num_dims * (math.log(2.0 * math.pi) + 2.0 * torch.log(std) + 1.0)
+
+
+def lossless_residual_nats(
+    sde, score_fn: ScoreFn, x0: torch.Tensor, t_eps: torch.Tensor, z: torch.Tensor, inverse_scaler: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_eps, R_hat): x_eps = alpha x0 + sigma z and R_hat = -log Q(x0 | x_eps) - H(p_0eps(. | x0)) with the
+    discretized decoder Q (lossless_decoder_nll), an unbiased estimate of the lossless residual."""
+    alpha, std = alpha_and_std(sde, t_eps)
+    x_eps = _bcast(alpha, x0) * x0 + _bcast(std, x0) * z
+    with torch.no_grad():
+        mean, q_std = gaussian_decoder(sde, score_fn, x_eps, t_eps)
+    nll = lossless_decoder_nll(x0, mean, q_std, inverse_scaler)
+    return x_eps, nll - gaussian_entropy(std, x0[0].numel())
 
 
 def draw_probe(x: torch.Tensor, hutchinson_type: str) -> torch.Tensor | None:
@@ -142,12 +233,17 @@ def _drift_and_div(fn: Callable, x: torch.Tensor, t: torch.Tensor, probe: torch.
     return out.detach(), div.detach()
 
 
-def probability_flow_drift(sde, score_fn: ScoreFn) -> Callable:
-    """Probability-flow ODE drift f(x, t) - g(t)^2 s(x, t) / 2 (Song et al. 2021, eq. 13)."""
+def probability_flow_drift(sde, score_fn: ScoreFn, lambda_: float = 0.0) -> Callable:
+    """Probability-flow ODE drift f(x, t) - g(t)^2 s(x, t) / 2 (Song et al. 2021, eq. 13).
+
+    lambda_ != 0 gives the drift f - (1 + lambda_^2) g^2 s / 2 of the reverse SDE with diffusion lambda_ g (the
+    Soft Truncation repository's eval.lambda_, with eval.probability_flow=False); integrating its divergence is
+    then no longer a likelihood (it is the original's experimental option)."""
+    weight = 0.5 * (1.0 + float(lambda_) ** 2)
 
     def drift_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         drift, diffusion = sde.sde(x, t)
-        return drift - 0.5 * _bcast(diffusion, x) ** 2 * score_fn(x, t)
+        return drift - weight * _bcast(diffusion, x) ** 2 * score_fn(x, t)
 
     return drift_fn
 
@@ -180,15 +276,23 @@ def ode_likelihood(
     eps: float = 1e-5,
     truncation: str = "plain",
     ode_dtype: torch.dtype | None = torch.float64,
+    decoder: str = "gaussian",
+    inverse_scaler: Callable | None = None,
+    lambda_: float = 0.0,
 ) -> dict:
     """NLL (nats) from the probability-flow ODE: log p_eps(x_eps) = log p_T(x_T) + int_eps^T div(drift) dt.
 
     Returns dict(nll [B] nats, prior_logp [B], delta_logp [B], residual [B] (0 for 'plain'), z = x_T, nfe).
     The ODE state (x, int div) is kept in `ode_dtype` (float64 like score_sde's SciPy solver; None: the data
     dtype); the score function is evaluated in the data dtype. One Hutchinson probe per call (score_sde).
+    decoder='lossless' (with truncation='exact' and the inverse_scaler giving the data range) uses the
+    discretized decoder: nll is then the discrete -log P(x0) bound. lambda_: see probability_flow_drift.
     """
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
+    _check_decoder(decoder, truncation)
+    if decoder == "lossless" and inverse_scaler is None:
+        raise ValueError("decoder='lossless' needs the inverse_scaler (the data range of the 256 levels).")
     if hutchinson_type not in _HUTCHINSON_TYPES:
         raise ValueError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if not 0.0 < eps < sde.T:
@@ -201,10 +305,13 @@ def ode_likelihood(
     if truncation == "exact":
         t_eps = torch.full((batch,), eps, dtype=dtype, device=device)
         z = torch.randn_like(data)
-        x_start, residual = residual_nats(sde, score_fn, data, t_eps, z)
+        if decoder == "lossless":
+            x_start, residual = lossless_residual_nats(sde, score_fn, data, t_eps, z, inverse_scaler)
+        else:
+            x_start, residual = residual_nats(sde, score_fn, data, t_eps, z)
         nfe += 1
     probe = draw_probe(x_start, hutchinson_type)
-    drift_fn = probability_flow_drift(sde, score_fn)
+    drift_fn = probability_flow_drift(sde, score_fn, lambda_)
     state_dtype = dtype if ode_dtype is None else ode_dtype
 
     def ode_func(t: torch.Tensor, state: tuple) -> tuple:
@@ -258,20 +365,39 @@ def get_likelihood_fn(
     eps: float = 1e-5,
     truncation: str = "plain",
     ode_dtype: torch.dtype | None = torch.float64,
+    decoder: str = "gaussian",
+    lambda_: float = 0.0,
 ) -> Callable:
     """likelihood_fn(model, data) -> (bpd [B], z = x_T, nfe), data in the model's range (score_sde API).
 
     The model is called through models.utils.get_score_fn(sde, model, train=False, continuous=True).
     likelihood_fn.from_score(score_fn, data) does the same for any score function score_fn(x, t).
+    decoder='lossless' (truncation='exact'): bits/dim of the discrete data under the discretized decoder, no
+    dequantization offset. lambda_: the reverse-SDE drift weight of probability_flow_drift (0: the ODE).
     """
     if hutchinson_type not in _HUTCHINSON_TYPES:
         raise ValueError(f"Hutchinson type {hutchinson_type!r} unknown; use one of {_HUTCHINSON_TYPES}.")
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
-    offset = bpd_offset(inverse_scaler)
+    _check_decoder(decoder, truncation)
+    offset = 0.0 if decoder == "lossless" else bpd_offset(inverse_scaler)
 
     def from_score(score_fn: ScoreFn, data: torch.Tensor):
-        out = ode_likelihood(sde, score_fn, data, hutchinson_type, rtol, atol, method, eps, truncation, ode_dtype)
+        out = ode_likelihood(
+            sde,
+            score_fn,
+            data,
+            hutchinson_type,
+            rtol,
+            atol,
+            method,
+            eps,
+            truncation,
+            ode_dtype,
+            decoder=decoder,
+            inverse_scaler=inverse_scaler,
+            lambda_=lambda_,
+        )
         bpd = nats_to_bpd(out["nll"], data[0].numel(), offset)
         return bpd, out["z"], out["nfe"]
 
@@ -367,6 +493,8 @@ def nelbo(
     antithetic: bool = True,
     data_std: float = 0.5,
     num_grid: int = 2048,
+    decoder: str = "gaussian",
+    inverse_scaler: Callable | None = None,
 ) -> dict:
     """Continuous-time NELBO (nats) of the SDE model on [eps, T] (Song et al. 2021, Thm 1, x0 kernel):
 
@@ -381,10 +509,15 @@ def nelbo(
     weighted by its exact density; antithetic noise pairs (z, -z); control variate w(t) (||z||^2 - D) with
     w = (alpha^2 c^2 / (alpha^2 c^2 + sigma^2))^2, c = data_std (0.5 ~ pixel std of images in [-1, 1]).
     For N(mu, c^2 I) data and the exact score the estimate has almost no variance.
+    decoder='lossless' (truncation='exact', needs inverse_scaler): R_eps with the discretized decoder, so the
+    total bounds the discrete -log P(x0).
     Returns dict(nelbo [B], prior [B], diffusion [B], residual [B]) in nats.
     """
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
+    _check_decoder(decoder, truncation)
+    if decoder == "lossless" and inverse_scaler is None:
+        raise ValueError("decoder='lossless' needs the inverse_scaler (the data range of the 256 levels).")
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps={eps} must lie in (0, T={sde.T}).")
     batch, dtype, device = x0.shape[0], x0.dtype, x0.device
@@ -414,7 +547,10 @@ def nelbo(
         diffusion = diffusion + 0.5 * weight * term / len(signs)
     diffusion = diffusion / num_t
     residual = torch.zeros(batch, dtype=torch.float64, device=device)
-    if truncation == "exact":
+    if truncation == "exact" and decoder == "lossless":
+        z_eps = torch.randn_like(x0)
+        residual = lossless_residual_nats(sde, score_fn, x0, t_eps.to(dtype), z_eps, inverse_scaler)[1].double()
+    elif truncation == "exact":
         residual = residual_nats(sde, score_fn, x0, t_eps.to(dtype), torch.randn_like(x0))[1].double()
     total = prior + diffusion + residual
     return dict(
@@ -433,14 +569,28 @@ def get_nelbo_fn(
     truncation: str = "exact",
     antithetic: bool = True,
     data_std: float = 0.5,
+    decoder: str = "gaussian",
 ) -> Callable:
-    """nelbo_fn(model, data) -> NELBO in bits/dim [B]; nelbo_fn.from_score(score_fn, data) likewise."""
+    """nelbo_fn(model, data) -> NELBO in bits/dim [B]; nelbo_fn.from_score(score_fn, data) likewise.
+    decoder='lossless': the discrete-data bound (no dequantization offset)."""
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
-    offset = bpd_offset(inverse_scaler)
+    _check_decoder(decoder, truncation)
+    offset = 0.0 if decoder == "lossless" else bpd_offset(inverse_scaler)
 
     def from_score(score_fn: ScoreFn, data: torch.Tensor) -> torch.Tensor:
-        out = nelbo(sde, score_fn, data, eps, num_t, truncation, antithetic, data_std)
+        out = nelbo(
+            sde,
+            score_fn,
+            data,
+            eps,
+            num_t,
+            truncation,
+            antithetic,
+            data_std,
+            decoder=decoder,
+            inverse_scaler=inverse_scaler,
+        )
         return nats_to_bpd(out["nelbo"], data[0].numel(), offset)
 
     def nelbo_fn(model: torch.nn.Module, data: torch.Tensor) -> torch.Tensor:

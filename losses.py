@@ -13,6 +13,14 @@ Per sample, with x_t = mean + std * z and eps_target = (x_t - target mean) / std
   loss = factor * w(t) * reduce(|| std * s_theta(x_t, t) + eps_target ||^2),
 where reduce is score_sde's (mean over dimensions, or 0.5 * sum), w = lambda / std^2 and factor is 1 (score_sde
 convention) or 1/2 (Soft Truncation repository convention, training.loss_convention).
+
+training.reconstruction_loss (Soft Truncation repository) adds, per sample, the truncation decoder's term at
+t = tau (the step's truncation time), with x_tau = alpha x0 + sigma z' and the decoder N(q_mean, q_std^2 I),
+q_mean = (x_tau + sigma^2 s_theta(x_tau, tau)) / alpha, q_std = sigma / alpha:
+  'gaussian': -log N(x0; q_mean, q_std^2 I) - H(p_0tau(. | x0)) (the residual R_tau of likelihood.py);
+  'lossless' (data.dequantization = 'lossless'): -log Q(x0 | x_tau), Q the decoder discretized to 8 bits;
+divided by D when reduce_mean; added as factor * 2 * term (so that in the Soft Truncation convention it is
+added as the original does, and the ratio to the score term is the same in both conventions).
 """
 
 import contextlib
@@ -98,6 +106,23 @@ def sample_time(
     return torch.rand(batch_size, device=device) * (sde.T - tau) + tau, 1.0
 
 
+TIME_SAMPLINGS = ("", "uniform", "importance")
+
+
+def resolve_time_sampling(weighting: str, time_sampling: str = "") -> bool:
+    """True when t is drawn from the importance density g^2/sigma^2 rather than uniformly on [tau, T].
+
+    '' follows the weighting (score_sde: importance sampling iff the 'importance' weighting). 'importance' with
+    another weighting draws t from that density and keeps the weighting as it is (no Z factor): the Soft
+    Truncation repository's reciprocal VE SDE drew t = 1 / U(1, 1/tau) (its importance density) whatever
+    training.importance_sampling said."""
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"training.time_sampling={time_sampling!r} is not one of {TIME_SAMPLINGS}.")
+    if weighting == "importance" and time_sampling == "uniform":
+        raise ValueError("The 'importance' weighting needs importance-sampled t; unset training.time_sampling.")
+    return weighting == "importance" or time_sampling == "importance"
+
+
 def resolve_weighting(likelihood_weighting: bool, importance_sampling: bool, weighting: str | None = None) -> str:
     """The weighting name implied by score_sde's / the ST repository's flags (or given explicitly)."""
     if weighting:
@@ -142,6 +167,35 @@ def _broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def reconstruction_term(
+    sde,
+    score_fn: Callable,
+    x0: torch.Tensor,
+    tau: float,
+    decoder: str = "gaussian",
+    inverse_scaler: Callable | None = None,
+) -> torch.Tensor:
+    """The Soft Truncation repository's reconstruction loss [B] (nats) at t = tau (module docstring):
+    gaussian: D/2 log(2 pi q_std^2) + ||x0 - q_mean||^2 / (2 q_std^2) - D/2 (log(2 pi sigma^2) + 1);
+    lossless: -sum log Q(x0 | x_tau) with the 8-bit discretized decoder (likelihood.lossless_decoder_nll)."""
+    import likelihood
+
+    t = torch.full((x0.shape[0],), float(tau), device=x0.device, dtype=x0.dtype)
+    alpha, std = likelihood.alpha_and_std(sde, t)
+    x_tau = _broadcast(alpha, x0) * x0 + _broadcast(std, x0) * torch.randn_like(x0)
+    q_mean, q_std = likelihood.gaussian_decoder(sde, score_fn, x_tau, t)
+    num_dims = x0[0].numel()
+    if decoder == "lossless":
+        if inverse_scaler is None:
+            raise ValueError("The lossless reconstruction loss needs the inverse_scaler (the data range).")
+        return likelihood.lossless_decoder_nll(x0, q_mean, q_std, inverse_scaler)
+    if decoder != "gaussian":
+        raise ValueError(f"decoder {decoder!r} unknown; use 'gaussian' or 'lossless' (data.dequantization).")
+    sq = torch.sum(torch.square(x0 - q_mean).reshape(x0.shape[0], -1), dim=-1)
+    q_recon = 0.5 * num_dims * torch.log(2.0 * math.pi * q_std**2) + sq / (2.0 * q_std**2)
+    return q_recon - likelihood.gaussian_entropy(std, num_dims)
+
+
 def get_per_sample_loss_fn(
     sde,
     train: bool,
@@ -154,16 +208,23 @@ def get_per_sample_loss_fn(
     weighting: str | None = None,
     stf: bool = False,
     loss_factor: float = 1.0,
+    reconstruction_loss: bool = False,
+    decoder: str = "gaussian",
+    inverse_scaler: Callable | None = None,
+    time_sampling: str = "",
 ) -> Callable:
     """loss_fn(model, batch, tau=None, reference=None) -> per-sample losses [B] (see the module docstring)."""
     reduce_op = get_reduce_op(reduce_mean)
     weighting = resolve_weighting(likelihood_weighting, importance_sampling, weighting)
+    importance_t = resolve_time_sampling(weighting, time_sampling)
     target_fn = stf_noise_target if stf else dsm_noise_target
+    if decoder not in ("gaussian", "lossless"):
+        raise ValueError(f"decoder {decoder!r} unknown; use 'gaussian' or 'lossless' (data.dequantization).")
 
     def loss_fn(model, batch: torch.Tensor, tau: float | None = None, reference: torch.Tensor | None = None):
         tau_ = eps if tau is None else float(tau)
         score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
-        t, is_factor = sample_time(sde, batch.shape[0], tau_, weighting == "importance", batch.device)
+        t, is_factor = sample_time(sde, batch.shape[0], tau_, importance_t, batch.device)
         z = torch.randn_like(batch)
         mean, std = sde.marginal_prob(batch, t)
         x_t = mean + _broadcast(std, batch) * z
@@ -171,8 +232,13 @@ def get_per_sample_loss_fn(
         eps_target = target_fn(x_t, z, alpha, std, reference)
         score = score_fn(x_t, t)
         residual = torch.square(score * _broadcast(std, batch) + eps_target)
-        losses = reduce_op(residual.reshape(residual.shape[0], -1), dim=-1)
-        return loss_factor * loss_weight(sde, weighting, t, std, is_factor) * losses
+        losses = loss_weight(sde, weighting, t, std, is_factor) * reduce_op(
+            residual.reshape(residual.shape[0], -1), dim=-1
+        )
+        if reconstruction_loss:
+            recon = reconstruction_term(sde, score_fn, batch, tau_, decoder, inverse_scaler)
+            losses = losses + 2.0 * (recon / batch[0].numel() if reduce_mean else recon)
+        return loss_factor * losses
 
     return loss_fn
 
@@ -270,21 +336,38 @@ def get_step_fn(
     num_micro_batch: int = 1,
     stf: bool = False,
     loss_factor: float = 1.0,
+    reconstruction_loss: bool = False,
+    decoder: str = "gaussian",
+    inverse_scaler: Callable | None = None,
+    time_sampling: str = "",
 ) -> Callable:
     """step_fn(state, batch, reference=None) -> mean loss; one optimisation step when train=True.
 
     score_sde's signature plus keywords for Soft Truncation (st, k, eps), importance sampling, the ST repository's
-    mixed / balanced mode, micro-batches (gradient accumulation: the gradient equals the full-batch gradient) and
-    STF. A non-finite loss or gradient skips the step: parameters, optimizer, EMA and state['step'] are left
+    mixed / balanced mode, micro-batches (gradient accumulation: the gradient equals the full-batch gradient),
+    STF, the reconstruction loss (reconstruction_loss, decoder, inverse_scaler: see the module docstring) and
+    time_sampling (see resolve_time_sampling).
+    A non-finite loss or gradient skips the step: parameters, optimizer, EMA and state['step'] are left
     unchanged and state['nonfinite'] is set to True.
     """
     if continuous:
-        common = dict(train=train, reduce_mean=reduce_mean, continuous=True, eps=eps, stf=stf, loss_factor=loss_factor)
+        common = dict(
+            train=train,
+            reduce_mean=reduce_mean,
+            continuous=True,
+            eps=eps,
+            stf=stf,
+            loss_factor=loss_factor,
+            reconstruction_loss=reconstruction_loss,
+            decoder=decoder,
+            inverse_scaler=inverse_scaler,
+        )
         main_loss = get_per_sample_loss_fn(
             sde,
             likelihood_weighting=likelihood_weighting,
             importance_sampling=importance_sampling,
             weighting=weighting,
+            time_sampling=time_sampling,
             **common,
         )
         # mixed mode: half of each batch importance-sampled likelihood weighting, half uniform time
@@ -295,7 +378,7 @@ def get_step_fn(
             else None
         )
     else:
-        if likelihood_weighting or importance_sampling or st or mixed or stf:
+        if likelihood_weighting or importance_sampling or st or mixed or stf or reconstruction_loss or time_sampling:
             raise ValueError("Discrete-time (continuous=False) training supports none of the new options.")
         if isinstance(sde, sde_lib.VESDE):
             discrete = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
@@ -367,6 +450,15 @@ def get_step_fn(
     return step_fn
 
 
+def soft_truncation_applies(config, sde) -> bool:
+    """training.st, except for VE / RVE SDEs under training.st_vp_only (the Soft Truncation repository drew
+    tau for VP / sub-VP only: its VE / RVE get_t_min returned eps unless called with st=True, which it never
+    was)."""
+    if not bool(config.training.get("st", False)):
+        return False
+    return not (bool(config.training.get("st_vp_only", False)) and isinstance(sde, sde_lib.VESDE))
+
+
 def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | None = None) -> Callable:
     """get_step_fn with every option read from the config (what run_lib uses)."""
     training = config.training
@@ -374,6 +466,8 @@ def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | No
     if convention not in LOSS_CONVENTIONS:
         raise ValueError(f"training.loss_convention={convention!r}; valid: {list(LOSS_CONVENTIONS)}.")
     k = float(training.get("k", 1.0))
+    import datasets
+
     return get_step_fn(
         sde,
         train=train,
@@ -384,7 +478,7 @@ def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | No
         eps=float(training.get("truncation_time", 1e-5)),
         importance_sampling=bool(training.get("importance_sampling", False)),
         weighting=training.get("weighting", "") or None,
-        st=bool(training.get("st", False)),
+        st=soft_truncation_applies(config, sde),
         k=k if math.isfinite(k) else math.inf,
         mixed=bool(training.get("mixed", False)),
         balanced=bool(training.get("balanced", False)),
@@ -392,4 +486,8 @@ def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | No
         num_micro_batch=int(config.optim.get("num_micro_batch", 1)),
         stf=bool(training.get("stf", False)),
         loss_factor=LOSS_CONVENTIONS[convention],
+        reconstruction_loss=bool(training.get("reconstruction_loss", False)),
+        decoder="lossless" if config.data.get("dequantization", "none") == "lossless" else "gaussian",
+        inverse_scaler=datasets.get_data_inverse_scaler(config),
+        time_sampling=training.get("time_sampling", ""),
     )

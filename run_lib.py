@@ -8,12 +8,14 @@ Work directory layout (score_sde's):
   WORKDIR/train.log                        the log
 """
 
+import copy
+import dataclasses
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,6 +85,129 @@ def validate_config(config) -> None:
         raise ValueError("training.stf_ref_batch_size must be >= 1.")
     if training.n_iters < 0 or training.snapshot_freq <= 0 or training.snapshot_freq_for_preemption <= 0:
         raise ValueError("training.n_iters must be >= 0 and the snapshot frequencies > 0.")
+    dequantization_mode(config)  # raises on an unknown or contradictory data.dequantization
+    if training.get("reconstruction_loss", False) and not training.continuous:
+        raise ValueError(
+            "training.reconstruction_loss=True needs continuous-time training (training.continuous=True), as in "
+            "the Soft Truncation repository (its discrete SMLD / DDPM losses have no reconstruction term)."
+        )
+    eval_plan(config)  # raises on contradictory eval fields
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fields of score_sde and of the Soft Truncation repository that select the same behaviour, read in one place
+
+DEQUANTIZATIONS = ("none", "uniform", "lossless")
+
+
+def dequantization_mode(config) -> str:
+    """'none' | 'uniform' | 'lossless': the Soft Truncation field data.dequantization, with score_sde's
+    data.uniform_dequantization = True meaning 'uniform'."""
+    mode = str(config.data.get("dequantization", "none"))
+    if mode not in DEQUANTIZATIONS:
+        raise ValueError(f"data.dequantization={mode!r} is not one of {DEQUANTIZATIONS}.")
+    if bool(config.data.get("uniform_dequantization", False)):
+        if mode == "lossless":
+            raise ValueError(
+                "data.uniform_dequantization=True contradicts data.dequantization='lossless' (the discrete "
+                "decoder models the 8-bit data themselves): set one of them."
+            )
+        return "uniform"
+    return mode
+
+
+def _loader_config(config):
+    """The config handed to datasets.py: with 'lossless' the 8-bit data are read as they are (no noise)."""
+    if config.data.get("dequantization", "none") != "lossless":
+        return config
+    plain = copy.deepcopy(config)
+    with plain.unlocked():
+        plain.data.dequantization = "none"
+    return plain
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    """What --mode eval computes, resolved from the eval fields of score_sde and of the Soft Truncation
+    repository (README, "Released checkpoints")."""
+
+    enable_loss: bool  # eval.enable_loss
+    nll_passes: int  # probability-flow NLL passes (_nll_passes: eval.nll_iter or eval.bpd_num_repeats); 0 = none
+    nelbo_passes: int  # NELBO passes: eval.nelbo_iter (ST), else the NLL count with eval.enable_nelbo; 0 = none
+    num_test_data: int  # images per bits/dim pass (eval.num_test_data; 0 = the whole split)
+    max_bpd_batches: int  # eval.max_bpd_batches (0 = no limit)
+    truncation: str  # 'exact' (eval.residual, Soft Truncation's treatment of eps) or 'plain' (score_sde)
+    decoder: str  # 'lossless' with data.dequantization = 'lossless', else 'gaussian'
+    lambda_: float  # eval.lambda_ (0: the probability-flow ODE; see likelihood.probability_flow_drift)
+    enable_sampling: bool  # eval.enable_sampling
+    sample_more: bool  # sampling.sample_more (False: evaluate only the samples already on disk)
+    enable_fid: bool  # eval.enable_fid
+
+
+SCORE_SDE_BPD_PASSES = 5  # score_sde's run_lib.evaluate: bpd_num_repeats = 5
+
+
+def _nll_passes(ev) -> int:
+    """Bits/dim passes: eval.nll_iter (Soft Truncation's name) or eval.bpd_num_repeats (this project's older
+    name). When a config holds both and they differ, the one not at score_sde's 5 was set on purpose and wins;
+    two different non-default values are a contradiction."""
+    nll_iter = ev.get("nll_iter", None)
+    repeats = ev.get("bpd_num_repeats", None)
+    if nll_iter is None or repeats is None or int(nll_iter) == int(repeats):
+        return int(nll_iter if nll_iter is not None else (repeats if repeats is not None else SCORE_SDE_BPD_PASSES))
+    if int(repeats) == SCORE_SDE_BPD_PASSES:
+        return int(nll_iter)
+    if int(nll_iter) == SCORE_SDE_BPD_PASSES:
+        return int(repeats)
+    raise ValueError(
+        f"eval.nll_iter={nll_iter} and eval.bpd_num_repeats={repeats} both set the number of bits/dim passes and "
+        "disagree: set eval.nll_iter (the Soft Truncation repository's name) only."
+    )
+
+
+def eval_plan(config) -> EvalPlan:
+    """The EvalPlan of a config; contradictory fields raise ValueError."""
+    ev = config.eval
+    enable_bpd = bool(ev.get("enable_bpd", False))
+    nll_iter = _nll_passes(ev)
+    nelbo_iter = int(ev.get("nelbo_iter", 0))
+    if nll_iter < 0 or nelbo_iter < 0:
+        raise ValueError(f"eval.nll_iter={nll_iter} and eval.nelbo_iter={nelbo_iter} must be >= 0.")
+    enable_nelbo = bool(ev.get("enable_nelbo", False))
+    nelbo_passes = nelbo_iter if nelbo_iter > 0 else (nll_iter if enable_nelbo else 0)
+    if not (enable_nelbo or enable_bpd):
+        nelbo_passes = 0
+    num_test_data = int(ev.get("num_test_data", 0) or 0)
+    if num_test_data < 0:
+        raise ValueError(f"eval.num_test_data={num_test_data} must be >= 0 (0: the whole split).")
+    lambda_ = float(ev.get("lambda_", 0.0))
+    probability_flow = bool(ev.get("probability_flow", lambda_ == 0.0))
+    if probability_flow != (lambda_ == 0.0):
+        raise ValueError(
+            f"eval.probability_flow={probability_flow} and eval.lambda_={lambda_} disagree: the likelihood's reverse "
+            "process is the probability-flow ODE exactly when lambda_ = 0 (the Soft Truncation repository asserts "
+            "probability_flow == (lambda_ == 0)). Set both."
+        )
+    truncation = "exact" if bool(ev.get("residual", True)) else "plain"
+    decoder = "lossless" if dequantization_mode(config) == "lossless" else "gaussian"
+    if decoder == "lossless" and truncation == "plain" and (enable_bpd or enable_nelbo):
+        raise ValueError(
+            "data.dequantization='lossless' evaluates bits/dim with the discrete decoder at eps, which is the exact "
+            "truncation treatment: set eval.residual=True (or another data.dequantization)."
+        )
+    return EvalPlan(
+        enable_loss=bool(ev.get("enable_loss", True)),
+        nll_passes=nll_iter if enable_bpd else 0,
+        nelbo_passes=nelbo_passes,
+        num_test_data=num_test_data,
+        max_bpd_batches=int(ev.get("max_bpd_batches", 0)),
+        truncation=truncation,
+        decoder=decoder,
+        lambda_=lambda_,
+        enable_sampling=bool(ev.get("enable_sampling", False)),
+        sample_more=bool(config.sampling.get("sample_more", True)),
+        enable_fid=bool(ev.get("enable_fid", True)),
+    )
 
 
 def get_corruption(config):
@@ -305,7 +430,7 @@ def train(config, workdir: str) -> dict:
         logging.info("Resumed from %s at step %d.", checkpoint_meta_dir, initial_step)
 
     sde, sampling_eps = get_corruption(config)
-    train_set = datasets.get_train_dataset(config)
+    train_set = datasets.get_train_dataset(_loader_config(config))
     if config.training.get("corruption", "gaussian") == "blur":
         if "corruption" in state:
             sde.load_state_dict(state["corruption"])
@@ -324,9 +449,8 @@ def train(config, workdir: str) -> dict:
         rank=rank,
         world_size=world_size,
     )
-    _, eval_ds, _ = datasets.get_dataset(
-        config, uniform_dequantization=config.data.get("uniform_dequantization", False), evaluation=False
-    )
+    dequantize = dequantization_mode(config) == "uniform"
+    _, eval_ds, _ = datasets.get_dataset(_loader_config(config), uniform_dequantization=dequantize, evaluation=False)
     eval_iter = _repeat(eval_ds)
 
     ref_sampler = None
@@ -355,7 +479,7 @@ def train(config, workdir: str) -> dict:
     num_train_steps = int(training.n_iters)
     max_nonfinite = int(training.get("max_nonfinite_steps", 10))
     nonfinite_run = 0
-    dequantize = bool(config.data.get("uniform_dequantization", False))
+    sample_every_step = bool(training.get("whatever_sampling", False))  # the ST repository's debug switch
     if is_main:
         logging.info("Config:\n%s", config)
         processes = f" ({world_size} data-parallel processes)" if world_size > 1 else ""
@@ -409,12 +533,13 @@ def train(config, workdir: str) -> dict:
                 eval_loss = float(eval_step_fn(_without_ddp(state, network), eval_batch, reference=eval_reference))
             logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
-        if is_main and (step % training.snapshot_freq == 0 or step == num_train_steps):
+        snapshot = step % training.snapshot_freq == 0 or step == num_train_steps
+        if is_main and snapshot:
             save_step = step // training.snapshot_freq  # score_sde's numbering
             save_checkpoint(os.path.join(checkpoint_dir, f"checkpoint_{save_step}.pth"), state)
-            if training.snapshot_sampling:
-                folder = os.path.join(sample_dir, f"iter_{step}")
-                snapshot_samples(config, _without_ddp(state, network), sde, sampling_eps, folder)
+        if is_main and training.snapshot_sampling and (snapshot or sample_every_step):
+            folder = os.path.join(sample_dir, f"iter_{step}")
+            snapshot_samples(config, _without_ddp(state, network), sde, sampling_eps, folder)
     progress.close()
     if writer is not None:
         writer.close()
@@ -494,9 +619,13 @@ def _load_json(path: str) -> dict:
         return {}
 
 
+def _checkpoint_path(workdir: str, ckpt: int) -> str:
+    return os.path.join(workdir, "checkpoints", f"checkpoint_{ckpt}.pth")
+
+
 def _restore_for_eval(config, workdir: str, ckpt: int, state: dict, sde) -> str:
     """Load checkpoint_{ckpt}.pth (EMA weights copied into the model); returns its path."""
-    ckpt_path = os.path.join(workdir, "checkpoints", f"checkpoint_{ckpt}.pth")
+    ckpt_path = _checkpoint_path(workdir, ckpt)
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(
             f"{ckpt_path} does not exist. Train first, or set eval.begin_ckpt / eval.end_ckpt to the checkpoint "
@@ -511,90 +640,285 @@ def _restore_for_eval(config, workdir: str, ckpt: int, state: dict, sde) -> str:
     return ckpt_path
 
 
-def _chunked_metric(folder: str, name: str, batches, compute) -> np.ndarray:
-    """Per-batch values of a metric, each batch's result saved atomically (a killed evaluation resumes)."""
+def _progress(total: int | None, desc: str, initial: int = 0, unit: str = "batch") -> tqdm:
+    """A tqdm bar on stderr (the evaluation's progress: batches, sampling rounds, Inception batches)."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+
+
+def _chunked_metric(folder: str, name: str, batches, compute, bar: tqdm | None = None) -> np.ndarray:
+    """Per-batch values of a metric, each batch's result saved atomically (a killed evaluation resumes).
+
+    compute(batch) returns the values, or (values, postfix dict) to show on the progress bar.
+    """
     os.makedirs(folder, exist_ok=True)
     values = []
     for i, batch in enumerate(batches):
         path = os.path.join(folder, f"{name}_{i}.npy")
+        value = None
         if os.path.exists(path):
             try:
-                values.append(np.load(path))
-                continue
+                value = np.load(path)
             except ValueError:
                 logging.warning("Unreadable %s: computing it again.", path)
-        value = np.asarray(compute(batch), dtype=np.float64).reshape(-1)
-        tmp = path + ".tmp.npy"
-        np.save(tmp, value)
-        os.replace(tmp, path)
+        postfix = {}
+        if value is None:
+            out = compute(batch)
+            if isinstance(out, tuple):
+                out, postfix = out
+            value = np.asarray(out, dtype=np.float64).reshape(-1)
+            tmp = path + ".tmp.npy"
+            np.save(tmp, value)
+            os.replace(tmp, path)
         values.append(value)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({name: f"{np.concatenate(values).mean():.4g}", **postfix})
     return np.concatenate(values) if values else np.zeros(0)
 
 
-def _bpd_batches(config, repeats: int, max_batches: int):
-    """(repeat, batch) pairs of the bits/dim dataset, uniformly dequantized afresh for each repeat."""
-    split = config.eval.get("bpd_dataset", "test")
-    if split not in ("train", "test"):
-        raise ValueError(f"eval.bpd_dataset={split!r} must be 'train' or 'test'.")
-    train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True, evaluation=True)
-    loader = train_ds if split == "train" else eval_ds
+def _bpd_batches(loader, config, repeats: int, max_batches: int, num_images: int):
+    """(repeat, batch) image batches of the bits/dim split: per pass at most max_batches batches (0: all) and
+    num_images images (0: all; the last batch trimmed), dequantized afresh by the loader each pass."""
     for repeat in range(repeats):
         torch.manual_seed(config.seed + 7 * repeat)
+        seen = 0
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            yield batch["image"]
+            images = batch["image"]
+            if num_images:
+                images = images[: num_images - seen]
+                if len(images) == 0:
+                    break
+            seen += len(images)
+            yield images
+
+
+def _bpd_batch_count(loader, max_batches: int, num_images: int, batch_size: int) -> int:
+    """Number of batches one bits/dim pass yields (for the progress bar)."""
+    n = len(loader)
+    if num_images:
+        n = min(n, -(-num_images // batch_size))
+    return min(n, max_batches) if max_batches else n
+
+
+class _Data:
+    """The evaluation's datasets, opened once on first use; a missing dataset is a reason to skip, not an error."""
+
+    def __init__(self, config):
+        self.config = config
+        self._opened = {}
+
+    def get(self, purpose: str):
+        """(train_loader, eval_loader) for 'loss' (the training dequantization) or 'bpd' (uniform
+        dequantization unless data.dequantization = 'lossless'), or a str: why the data are unavailable."""
+        if purpose not in self._opened:
+            mode = dequantization_mode(self.config)
+            dequantize = mode == "uniform" if purpose == "loss" else mode != "lossless"
+            try:
+                train_ds, eval_ds, _ = datasets.get_dataset(
+                    _loader_config(self.config), uniform_dequantization=dequantize, evaluation=True
+                )
+                self._opened[purpose] = (train_ds, eval_ds)
+            except FileNotFoundError as err:
+                self._opened[purpose] = f"no {self.config.data.dataset} data ({err})"
+        return self._opened[purpose]
+
+    def split(self, purpose: str, name: str):
+        """The loader of split 'train' or 'test', or the reason it is unavailable."""
+        opened = self.get(purpose)
+        if isinstance(opened, str):
+            return opened
+        return opened[0] if name == "train" else opened[1]
+
+
+class _CountingModule(torch.nn.Module):
+    """Wraps a network and advances a progress bar by the batch size at every call (Inception features)."""
+
+    def __init__(self, net: torch.nn.Module, bar: tqdm):
+        super().__init__()
+        self.net, self.bar = net, bar
+
+    def forward(self, x):
+        out = self.net(x)
+        self.bar.update(len(x))
+        return out
+
+
+def _pending_feature_images(sample_dir: str, evaluation) -> int:
+    """Samples whose Inception features (statistics_r.npz) are not on disk yet (the feature bar's total)."""
+    total = 0
+    for path in evaluation.list_sample_files(sample_dir):
+        if not os.path.exists(path.replace("samples_", "statistics_")):
+            with np.load(path, allow_pickle=False) as data:
+                total += len(data["samples"])
+    return total
+
+
+class _Inception:
+    """The Inception network, loaded once on first use; missing weights are a reason to skip FID."""
+
+    def __init__(self, config):
+        self.config, self.net, self.reason = config, None, None
+
+    def get(self):
+        if self.net is None and self.reason is None:
+            import evaluation
+
+            try:
+                self.net = evaluation.get_inception_model(
+                    weights_path=self.config.eval.get("inception_path", "") or None,
+                    device=get_device(self.config),
+                    download=self.config.data.get("download", None),
+                )
+            except FileNotFoundError as err:
+                self.reason = f"no Inception weights ({err})"
+        return self.net if self.net is not None else self.reason
+
+
+def _reference_stats(config, evaluation, data: _Data, inception: _Inception):
+    """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz or
+    score_sde's assets/stats/<dataset>_stats.npz; when none exists, computed from the training set and saved to
+    the first of these paths. Returns the statistics, or a str saying why there are none."""
+    path = evaluation.find_dataset_stats(config)
+    if path is not None:
+        return evaluation.load_reference_stats(path)
+    candidates = evaluation.dataset_stats_candidates(config)
+    train_ds = data.split("loss", "train")
+    if isinstance(train_ds, str):
+        return f"no reference statistics (none of {candidates} exists) and {train_ds}"
+    net = inception.get()
+    if isinstance(net, str):
+        return net
+    logging.info("Computing reference statistics of the training set into %s.", candidates[0])
+    with _progress(len(train_ds.dataset), "reference statistics", unit="img") as bar:
+        return evaluation.compute_reference_stats(train_ds, _CountingModule(net, bar), out_path=candidates[0])
+
+
+def _sampling_with_progress(sampling_fn: Callable, bar: tqdm, on_batch: Callable | None = None) -> Callable:
+    """sampling_fn that advances the sampling-rounds bar (network evaluations of the batch as postfix)."""
+
+    def sampling(model):
+        x, nfe = sampling_fn(model)
+        if on_batch is not None:
+            on_batch(x, nfe)
+        bar.update(1)
+        bar.set_postfix(nfe=nfe)
+        return x, nfe
+
+    return sampling
+
+
+def _done_rounds(sample_dir: str, rounds: int, evaluation) -> int:
+    """Sampling rounds r < rounds whose samples_r.npz is already on disk (the bar's starting point)."""
+    if not os.path.isdir(sample_dir):
+        return 0
+    names = {os.path.basename(p) for p in evaluation.list_sample_files(sample_dir)}
+    return sum(f"samples_{r}.npz" in names for r in range(rounds))
+
+
+def _summary(ckpt: int, results: dict, skipped: dict) -> str:
+    """One line per checkpoint: the file, what was computed (figures), what was skipped and why."""
+    figures = {k: v for k, v in results.items() if isinstance(v, (int, float)) and k != "step"}
+    computed = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(figures.items()))
+    line = f"ckpt {ckpt} ({results.get('checkpoint')}, step {results.get('step')}): computed {computed or 'nothing'}"
+    if skipped:
+        line += "; skipped " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+    return line
 
 
 def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
     """Evaluate checkpoints eval.begin_ckpt .. eval.end_ckpt: loss, bits/dim, NELBO, samples, FID / IS / KID.
 
-    Results go to WORKDIR/EVAL_FOLDER/ckpt_N/results.json (and tensorboard); every finished piece (a bits/dim
-    batch, a sample batch, its Inception features) is on disk before the next starts, so a killed evaluation
-    resumes without redoing finished work.
+    What is computed follows EvalPlan (eval_plan). Pieces whose inputs are missing are skipped, not failed: no
+    dataset -> no loss, bits/dim, NELBO (and no FID unless reference statistics exist); no Inception weights ->
+    no FID / IS / KID; the reasons are logged and written to results.json under 'skipped'. Checkpoints of the
+    range that are not on disk are skipped (at least one must exist). Results go to
+    WORKDIR/EVAL_FOLDER/ckpt_N/results.json (and tensorboard); every finished piece (a bits/dim batch, a sample
+    batch, its Inception features) is on disk before the next starts, so a killed evaluation resumes without
+    redoing finished work. Each long piece shows a tqdm bar; one summary line per checkpoint is logged.
     """
     import evaluation
     import likelihood
 
     validate_config(config)
+    plan = eval_plan(config)
     eval_dir = os.path.join(workdir, eval_folder)
     _setup_logging(eval_dir)
+    ev = config.eval
     device = get_device(config)
     torch.manual_seed(config.seed)
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    ev = config.eval
     eps = float(config.training.get("truncation_time", 1e-5))
+    begin, end = int(ev.begin_ckpt), int(ev.end_ckpt)
+    present = [c for c in range(begin, end + 1) if os.path.exists(_checkpoint_path(workdir, c))]
+    if not present:
+        _restore_for_eval(config, workdir, begin, state, sde)  # raises FileNotFoundError naming the file
+    missing = sorted(set(range(begin, end + 1)) - set(present))
+    if missing:
+        logging.info(
+            "Checkpoints %s of eval.begin_ckpt..eval.end_ckpt = %d..%d are not in %s: evaluating %s.",
+            missing,
+            begin,
+            end,
+            os.path.join(workdir, "checkpoints"),
+            present,
+        )
+    data, inception = _Data(config), _Inception(config)
+    bpd_split = ev.get("bpd_dataset", "test")
+    if bpd_split not in ("train", "test"):
+        raise ValueError(f"eval.bpd_dataset={bpd_split!r} must be 'train' or 'test'.")
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
     all_results = {}
-    for ckpt in range(int(ev.begin_ckpt), int(ev.end_ckpt) + 1):
+    for ckpt in present:
         ckpt_path = _restore_for_eval(config, workdir, ckpt, state, sde)
         model = state["model"]
         folder = os.path.join(eval_dir, f"ckpt_{ckpt}")
         os.makedirs(folder, exist_ok=True)
         results_path = os.path.join(folder, "results.json")
         results = _load_json(results_path)
+        results.pop("skipped", None)
         results.update(checkpoint=ckpt_path, step=int(state["step"]))
+        skipped = {}
         logging.info("Evaluating %s (step %d).", ckpt_path, state["step"])
 
-        if ev.get("enable_loss", True) and "eval_loss" not in results:
-            eval_step = losses.get_step_fn_from_config(config, sde, train=False)
-            _, eval_ds, _ = datasets.get_dataset(
-                config,
-                uniform_dequantization=bool(config.data.get("uniform_dequantization", False)),
-                evaluation=True,
-            )
-            with torch.no_grad():
-                values = [float(eval_step(state, scaler(b["image"].to(device)))) for b in eval_ds]
-            results["eval_loss"] = float(np.mean(values))
+        if plan.enable_loss and "eval_loss" not in results:
+            eval_ds = data.split("loss", "test")
+            if isinstance(eval_ds, str):
+                skipped["eval_loss"] = eval_ds
+            else:
+                eval_step = losses.get_step_fn_from_config(config, sde, train=False)
+                values = []
+                with torch.no_grad(), _progress(len(eval_ds), f"eval loss ckpt {ckpt}") as bar:
+                    for b in eval_ds:
+                        values.append(float(eval_step(state, scaler(b["image"].to(device)))))
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{np.mean(values):.4g}")
+                results["eval_loss"] = float(np.mean(values))
 
-        max_batches = int(ev.get("max_bpd_batches", 0))
-        repeats = int(ev.get("bpd_num_repeats", 5))
-        if ev.get("enable_bpd", False) and "bpd" not in results:
+        nll_needed = plan.nll_passes > 0 and "bpd" not in results
+        nelbo_needed = plan.nelbo_passes > 0 and "nelbo_bpd" not in results
+        if ev.get("enable_bpd", False) and plan.nll_passes == 0:
+            skipped["bpd"] = "eval.nll_iter = 0 (no probability-flow NLL passes requested)"
+        loader = data.split("bpd", bpd_split) if (nll_needed or nelbo_needed) else None
+        if isinstance(loader, str):
+            for key, needed in (("bpd", nll_needed), ("nelbo_bpd", nelbo_needed)):
+                if needed:
+                    skipped[key] = loader
+            loader = None
+        per_pass = (
+            _bpd_batch_count(loader, plan.max_bpd_batches, plan.num_test_data, int(ev.batch_size)) if loader else 0
+        )
+
+        def bpd_pass_means(values: np.ndarray, passes: int) -> list:
+            return [float(m) for m in values.reshape(passes, -1).mean(axis=1)] if values.size % passes == 0 else []
+
+        if nll_needed and loader is not None:
             likelihood_fn = likelihood.get_likelihood_fn(
                 sde,
                 inverse_scaler,
@@ -602,75 +926,98 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
                 rtol=float(ev.get("bpd_rtol", 1e-5)),
                 atol=float(ev.get("bpd_atol", 1e-5)),
                 eps=eps,
-                truncation="exact" if ev.get("residual", True) else "plain",
+                truncation=plan.truncation,
+                decoder=plan.decoder,
+                lambda_=plan.lambda_,
             )
-            bpd = _chunked_metric(
-                folder,
-                "bpd",
-                _bpd_batches(config, repeats, max_batches),
-                lambda x, fn=likelihood_fn, net=model: fn(net, scaler(x.to(device)))[0].cpu(),
-            )
+
+            def nll_batch(x, fn=likelihood_fn, net=model):
+                bpd, _, nfe = fn(net, scaler(x.to(device)))
+                return bpd.cpu(), {"nfe": nfe}
+
+            batches = _bpd_batches(loader, config, plan.nll_passes, plan.max_bpd_batches, plan.num_test_data)
+            with _progress(plan.nll_passes * per_pass, f"bits/dim ckpt {ckpt}") as bar:
+                bpd = _chunked_metric(folder, "bpd", batches, nll_batch, bar)
             results["bpd"] = float(bpd.mean())
             results["bpd_num_images"] = int(bpd.size)
-        if ev.get("enable_nelbo", False) and "nelbo_bpd" not in results:
+            results["bpd_pass_means"] = bpd_pass_means(bpd, plan.nll_passes)
+        if nelbo_needed and loader is not None:
             nelbo_fn = likelihood.get_nelbo_fn(
-                sde, inverse_scaler, eps=eps, data_std=0.5 if config.data.centered else 0.25
+                sde,
+                inverse_scaler,
+                eps=eps,
+                truncation=plan.truncation,
+                data_std=0.5 if config.data.centered else 0.25,
+                decoder=plan.decoder,
             )
-            with torch.no_grad():
+            batches = _bpd_batches(loader, config, plan.nelbo_passes, plan.max_bpd_batches, plan.num_test_data)
+            with torch.no_grad(), _progress(plan.nelbo_passes * per_pass, f"NELBO ckpt {ckpt}") as bar:
                 nelbo = _chunked_metric(
-                    folder,
-                    "nelbo",
-                    _bpd_batches(config, repeats, max_batches),
-                    lambda x, fn=nelbo_fn, net=model: fn(net, scaler(x.to(device))).cpu(),
+                    folder, "nelbo", batches, lambda x, fn=nelbo_fn, net=model: fn(net, scaler(x.to(device))).cpu(), bar
                 )
             results["nelbo_bpd"] = float(nelbo.mean())
+            results["nelbo_num_images"] = int(nelbo.size)
+            results["nelbo_pass_means"] = bpd_pass_means(nelbo, plan.nelbo_passes)
 
-        if ev.get("enable_sampling", False):
+        if plan.enable_sampling:
             sample_dir = os.path.join(folder, "samples")
-            batch = int(ev.batch_size)
-            sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, batch)
-            with torch.no_grad():
-                evaluation.write_samples_in_batches(
-                    sampling_fn,
-                    model,
-                    sample_dir,
-                    int(ev.num_samples),
-                    batch,
-                    seed=config.seed + 1000003 * ckpt,
-                    grid_path=os.path.join(folder, "sample_grid.png"),
-                )
-            results["num_samples"] = int(ev.num_samples)
-            if ev.get("enable_fid", True) and "fid" not in results:
-                reference = _reference_stats(config, evaluation)
-                metrics = evaluation.metrics_from_sample_dir(
-                    sample_dir, reference, inception_path=ev.get("inception_path", "") or None, device=device
-                )
-                results.update({k: v for k, v in metrics.items() if v is not None})
+            have_samples = _evaluate_samples(config, plan, model, sample_dir, folder, ckpt, sde, sampling_eps, skipped)
+            if have_samples and plan.sample_more:
+                results["num_samples"] = int(config.eval.num_samples)
+            if have_samples and plan.enable_fid and "fid" not in results:
+                reference = _reference_stats(config, evaluation, data, inception)
+                net = inception.get() if not isinstance(reference, str) else reference
+                if isinstance(reference, str) or isinstance(net, str):
+                    skipped["fid"] = reference if isinstance(reference, str) else net
+                else:
+                    pending = _pending_feature_images(sample_dir, evaluation)
+                    with _progress(pending, f"Inception features ckpt {ckpt}", unit="img") as bar:
+                        metrics = evaluation.metrics_from_sample_dir(
+                            sample_dir, reference, inception_model=_CountingModule(net, bar), device=device
+                        )
+                    results.update({k: v for k, v in metrics.items() if v is not None})
 
+        if skipped:
+            results["skipped"] = skipped
+            for key, reason in skipped.items():
+                logging.warning("ckpt %d: %s skipped: %s", ckpt, key, reason)
         _atomic_json(results_path, results)
         for key, value in results.items():
             if isinstance(value, float):
                 writer.add_scalar(key, value, int(state["step"]))
-        logging.info("ckpt %d: %s", ckpt, {k: v for k, v in results.items() if isinstance(v, (int, float))})
+        logging.info("%s", _summary(ckpt, results, skipped))
         all_results[ckpt] = results
     writer.close()
     return all_results
 
 
-def _reference_stats(config, evaluation):
-    """Training-set Inception statistics: eval.stats_path, else assets/stats/<dataset>_<size>_stats.npz or
-    score_sde's assets/stats/<dataset>_stats.npz; when none exists, computed from the training set and saved
-    to the first of these paths."""
-    path = evaluation.find_dataset_stats(config)
-    if path is not None:
-        return evaluation.load_reference_stats(path)
-    path = evaluation.dataset_stats_candidates(config)[0]
-    logging.info("Computing reference statistics of the training set into %s.", path)
-    inception = evaluation.get_inception_model(
-        weights_path=config.eval.get("inception_path", "") or None, device=get_device(config)
-    )
-    train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
-    return evaluation.compute_reference_stats(train_ds, inception, out_path=path)
+def _evaluate_samples(config, plan: EvalPlan, model, sample_dir: str, folder: str, ckpt: int, sde, eps, skipped):
+    """Write eval.num_samples samples (unless sampling.sample_more is False); True if samples are on disk."""
+    import evaluation
+
+    ev = config.eval
+    if not plan.sample_more:
+        have = os.path.isdir(sample_dir) and bool(evaluation.list_sample_files(sample_dir))
+        if not have:
+            skipped["samples"] = f"sampling.sample_more=False and no samples_*.npz in {sample_dir}"
+        return have
+    batch = int(ev.batch_size)
+    rounds = evaluation.num_sampling_rounds(int(ev.num_samples), batch)
+    sampling_fn = get_sampling_fn_from_config(config, sde, eps, batch)
+    with (
+        torch.no_grad(),
+        _progress(rounds, f"sampling ckpt {ckpt}", _done_rounds(sample_dir, rounds, evaluation)) as bar,
+    ):
+        evaluation.write_samples_in_batches(
+            _sampling_with_progress(sampling_fn, bar),
+            model,
+            sample_dir,
+            int(ev.num_samples),
+            batch,
+            seed=config.seed + 1000003 * ckpt,
+            grid_path=os.path.join(folder, "sample_grid.png"),
+        )
+    return True
 
 
 def _latest_checkpoint(workdir: str) -> int:
@@ -683,15 +1030,19 @@ def _latest_checkpoint(workdir: str) -> int:
         else []
     )
     if not found:
-        raise FileNotFoundError(f"No checkpoint_N.pth in {folder}: train first (python main.py --mode train).")
+        raise FileNotFoundError(
+            f"No checkpoint_N.pth in {folder}: train first (python main.py --mode train), or put a released "
+            "checkpoint there under its file name (README, 'Released checkpoints')."
+        )
     return max(found)
 
 
 def sample(config, workdir: str, eval_folder: str = "eval") -> str:
-    """Write eval.num_samples samples of checkpoint eval.end_ckpt (or the latest) with config.sampling.method.
+    """Write eval.num_samples samples of checkpoint eval.sample_ckpt (0: the latest) with config.sampling.method.
 
-    Output: WORKDIR/EVAL_FOLDER/samples_ckpt_N_METHOD/samples_{r}.npz (uint8 NHWC) and samples_{r}.png (grid)
-    per batch of eval.batch_size; a killed run resumes at the first missing batch.
+    Needs no dataset. Output: WORKDIR/EVAL_FOLDER/samples_ckpt_N_METHOD/samples_{r}.npz (uint8 NHWC) and
+    samples_{r}.png (grid) per batch of eval.batch_size; a killed run resumes at the first missing batch. A tqdm
+    bar counts the batches (network evaluations as postfix).
     """
     import evaluation
 
@@ -700,24 +1051,43 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
     ckpt = int(config.eval.get("sample_ckpt", 0)) or _latest_checkpoint(workdir)
-    _restore_for_eval(config, workdir, ckpt, state, sde)
+    ckpt_path = _restore_for_eval(config, workdir, ckpt, state, sde)
     out_dir = os.path.join(workdir, eval_folder, f"samples_ckpt_{ckpt}_{config.sampling.method}")
     _setup_logging(out_dir)
     batch = int(config.eval.batch_size)
+    num_samples = int(config.eval.num_samples)
     sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, batch)
+    nfes = []
 
-    def sampling_with_grid(model):
-        x, nfe = sampling_fn(model)
+    def save_grid(x, nfe):
         round_index = len(evaluation.list_sample_files(out_dir)) if os.path.isdir(out_dir) else 0
         evaluation.save_image_grid(
             x, os.path.join(out_dir, f"samples_{round_index}.png"), nrow=int(math.sqrt(len(x))) or 1
         )
         logging.info("Sampling round %d: %d network evaluations.", round_index, nfe)
-        return x, nfe
+        nfes.append(nfe)
 
-    with torch.no_grad():
+    rounds = evaluation.num_sampling_rounds(num_samples, batch)
+    logging.info(
+        "Sampling %d images from %s (step %d) with %s.", num_samples, ckpt_path, state["step"], config.sampling.method
+    )
+    with torch.no_grad(), _progress(rounds, f"sampling ckpt {ckpt}", _done_rounds(out_dir, rounds, evaluation)) as bar:
         evaluation.write_samples_in_batches(
-            sampling_with_grid, state["model"], out_dir, int(config.eval.num_samples), batch, seed=config.seed
+            _sampling_with_progress(sampling_fn, bar, save_grid),
+            state["model"],
+            out_dir,
+            num_samples,
+            batch,
+            seed=config.seed,
         )
-    logging.info("Samples written to %s.", out_dir)
+    logging.info(
+        "ckpt %d (%s, step %d): %d samples in %s (%d new batches, network evaluations per batch: %s).",
+        ckpt,
+        ckpt_path,
+        state["step"],
+        num_samples,
+        out_dir,
+        len(nfes),
+        sorted(set(nfes)) or "-",
+    )
     return out_dir

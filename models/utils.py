@@ -3,7 +3,8 @@ models/utils.py, plus the Soft Truncation paper's unbounded parametrisations, pa
 
 Network labels (checkpoint compatibility, papers.md section 1):
 - VP / subVP, continuous: label 999 t (positional embedding); the network predicts noise: score = -out/std.
-  With config.training.unbounded_parametrization (UDDPM++) the label is `uddpm_label(t)` instead.
+  With config.training.unbounded_parametrization (UDDPM++) the label is `uddpm_label(t)` instead. With the Soft
+  Truncation repository's config.training.ddpm_score = False the output is the score itself (no -1/std).
 - VP discrete: label t (N - 1), std from sqrt_1m_alphas_cumprod.
 - VE continuous / RVE: label = marginal std sigma(t) (Gaussian Fourier embedding of log sigma, or of
   `uncsn_embedding_input(sigma)` for UNCSN++, inside NCSN++); with scale_by_sigma the output is the score.
@@ -193,6 +194,7 @@ def get_score_fn(sde, model: torch.nn.Module, train: bool = False, continuous: b
     config = get_model_config(model)
 
     if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
+        ddpm_score = bool(_cfg(getattr(config, "training", None), "ddpm_score", True))
 
         def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if continuous or isinstance(sde, sde_lib.subVPSDE):
@@ -202,6 +204,8 @@ def get_score_fn(sde, model: torch.nn.Module, train: bool = False, continuous: b
                 labels = t * (sde.N - 1)
                 std = torch.as_tensor(sde.sqrt_1m_alphas_cumprod).to(x.device)[labels.long()]
             out = model_fn(x, labels)
+            if not ddpm_score:
+                return out
             return -out / std.to(out.dtype)[:, None, None, None]
 
         return score_fn

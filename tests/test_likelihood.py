@@ -412,3 +412,124 @@ def test_likelihood_fn_with_model_vp():
     assert np.abs(bpd.numpy() - expected).max() < 2e-3
     nel = likelihood.get_nelbo_fn(sde, inverse_scaler, num_t=8)(NoiseNet(), x)
     assert nel.shape == (3,) and torch.isfinite(nel).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the lossless (discretized) decoder of data.dequantization = 'lossless', and eval.lambda_
+# ------------------------------------------------------------------------------------------------------------
+
+
+def discretized_log_mass_np(x, mean, std):
+    """log Q(x) of 8-bit levels x in [-1, 1] under N(mean, std^2): bins of half width 1/255, open edge bins
+    (scipy's normal CDF; the mass floored at 1e-12 like the original)."""
+    from scipy.stats import norm
+
+    hi = norm.cdf((x + 1 / 255 - mean) / std)
+    lo = norm.cdf((x - 1 / 255 - mean) / std)
+    mass = np.where(x < -0.999, hi, np.where(x > 0.999, 1.0 - lo, hi - lo))
+    return np.log(np.maximum(mass, 1e-12))
+
+
+def grid_data(n, seed=0, dtype=torch.float64):
+    """8-bit data in [-1, 1] around MU (both edge levels included)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.clamp(torch.round((MU + S * torch.randn(n, *SHAPE, generator=g) + 1) * 127.5), 0, 255)
+    k.view(n, -1)[0, :2] = torch.tensor([0.0, 255.0])
+    return (k / 127.5 - 1.0).to(dtype)
+
+
+def test_discretized_gaussian_log_likelihood_matches_scipy():
+    x = grid_data(6).reshape(-1)
+    g = torch.Generator().manual_seed(3)
+    means = x + 0.01 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for std in (1e-3, 4e-3, 0.05, 2.0):
+        got = likelihood.discretized_gaussian_log_likelihood(x, means, torch.full_like(x, math.log(std)))
+        want = discretized_log_mass_np(x.numpy(), means.numpy(), std)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
+    # far from the mean the mass is computed without cancellation (then floored at 1e-12)
+    far = likelihood.discretized_gaussian_log_likelihood(
+        torch.tensor([0.0]), torch.tensor([0.05]), torch.tensor([math.log(0.01)])
+    )
+    assert float(far) == pytest.approx(float(discretized_log_mass_np(np.array([0.0]), 0.05, 0.01)[0]), rel=1e-6)
+
+
+def lossless_nll_closed_form(sde, x0, z, eps, mu=MU, s=S):
+    """-log p_eps(x_eps) - log Q(x0 | x_eps) - H(p_0eps) for N(mu, s^2 I) data and its exact score, given z."""
+    a, sd = alpha_std_np(sde, eps)
+    v = a**2 * s**2 + sd**2
+    x_eps = a * x0 + sd * z
+    score = -(x_eps - a * mu) / v
+    q_mean, q_std = (x_eps + sd**2 * score) / a, sd / a
+    d = x0.shape[1]
+    decoder = -discretized_log_mass_np(x0, q_mean, q_std).sum(1)
+    entropy = 0.5 * d * (np.log(2 * np.pi * sd**2) + 1)
+    return gauss_nll_np(x_eps, a * mu, v) + decoder - entropy
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_lossless_decoder_likelihood_of_a_gaussian_matches_closed_form(name):
+    """data.dequantization = 'lossless': the discrete NLL bound, no dequantization offset (exact divergence)."""
+    sde = make_sdes()[name]
+    eps = 1e-3 if name == "vp" else 0.3  # sigma(eps) ~ 1e-2 (VP) and 1.6e-2 (VE): the bins matter
+    x0 = grid_data(3, seed=1)
+    lik = likelihood.get_likelihood_fn(
+        sde, inverse_scaler, eps=eps, truncation="exact", decoder="lossless", hutchinson_type="exact"
+    )
+    torch.manual_seed(5)
+    bpd, _, _ = lik.from_score(iso_score(sde), x0)
+    torch.manual_seed(5)
+    z = torch.randn_like(x0).reshape(3, -1).numpy()  # the first draw of the likelihood: x_eps's noise
+    expected = lossless_nll_closed_form(sde, x0.reshape(3, -1).numpy(), z, eps) / (D * LN2)
+    np.testing.assert_allclose(bpd.numpy(), expected, rtol=1e-3, atol=1e-3)
+    if name == "ve":  # uncentered data: the decoder maps [0, 1] to [-1, 1] (x -> 2x - 1, std -> 2 std)
+        g = torch.Generator().manual_seed(8)
+        x01 = (x0 + 1) / 2
+        mean01 = x01 + 0.003 * torch.randn(x01.shape, generator=g, dtype=torch.float64)
+        std01 = torch.full((3,), 0.004, dtype=torch.float64)
+        got = likelihood.lossless_decoder_nll(x01, mean01, std01, lambda x: x)
+        want = -discretized_log_mass_np(x0.numpy(), 2 * mean01.numpy() - 1, 0.008).reshape(3, -1).sum(1)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
+def test_lossless_nelbo_and_errors():
+    sde = sde_lib.VPSDE()
+    x0 = grid_data(2, seed=2)
+    nel = likelihood.get_nelbo_fn(sde, inverse_scaler, eps=1e-3, num_t=8, decoder="lossless")
+    gauss = likelihood.get_nelbo_fn(sde, inverse_scaler, eps=1e-3, num_t=8)
+    torch.manual_seed(0)
+    lossless_bpd = nel.from_score(iso_score(sde), x0)
+    torch.manual_seed(0)
+    gauss_bpd = gauss.from_score(iso_score(sde), x0)
+    # no dequantization offset: the lossless bound is already in bits of the discrete data
+    torch.manual_seed(0)
+    out = likelihood.nelbo(
+        sde, iso_score(sde), x0, eps=1e-3, num_t=8, decoder="lossless", inverse_scaler=inverse_scaler
+    )
+    np.testing.assert_allclose(lossless_bpd.numpy(), out["nelbo"].numpy() / (D * LN2), rtol=1e-6)
+    assert torch.isfinite(gauss_bpd).all() and not torch.allclose(lossless_bpd, gauss_bpd)
+    with pytest.raises(ValueError, match="exact truncation"):
+        likelihood.get_likelihood_fn(sde, inverse_scaler, truncation="plain", decoder="lossless")
+    with pytest.raises(ValueError, match="decoder"):
+        likelihood.get_nelbo_fn(sde, inverse_scaler, decoder="bogus")
+
+
+def test_lambda_drift_matches_closed_form():
+    """eval.lambda_ = 1 (reverse SDE drift f - g^2 s) on VE Gaussian data: x_T - mu = (x - mu) V_T / V_eps and
+    int div = D log(V_T / V_eps), V_t = s^2 + sigma_t^2; lambda_ = 0 is the probability-flow ODE."""
+    sde = sde_lib.VESDE()
+    eps = 1e-5
+    x = data(3, seed=9, dtype=torch.float64)
+    lik = likelihood.get_likelihood_fn(sde, inverse_scaler, eps=eps, lambda_=1.0, hutchinson_type="exact")
+    bpd, z, _ = lik.from_score(iso_score(sde), x)
+    xn = x.reshape(3, -1).numpy()
+    _, s_e = alpha_std_np(sde, eps)
+    _, s_T = alpha_std_np(sde, 1.0)
+    ratio = (S**2 + s_T**2) / (S**2 + s_e**2)
+    x_T = MU + (xn - MU) * ratio
+    expected = gauss_nll_np(x_T, 0.0, sde.sigma_max**2) - D * np.log(ratio)
+    np.testing.assert_allclose(z.reshape(3, -1).numpy(), x_T, rtol=1e-3)
+    np.testing.assert_allclose(bpd.numpy(), expected / (D * LN2) + 7.0, rtol=1e-4, atol=1e-3)
+    ode = likelihood.get_likelihood_fn(sde, inverse_scaler, eps=eps, lambda_=0.0, hutchinson_type="exact")
+    np.testing.assert_allclose(
+        ode.from_score(iso_score(sde), x)[0].numpy(), ode_nll_iso_np(sde, xn, eps)[0] / (D * LN2) + 7.0, atol=2e-3
+    )

@@ -357,3 +357,229 @@ def test_soft_truncation_repository_convention(patch_score):
     expected = torch.mean(0.5 * sde.importance_normalizer(tau) * torch.mean(residual.reshape(4, -1) ** 2, -1))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     assert captured["called"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Soft Truncation repository fields: training.reconstruction_loss (with data.dequantization), ddpm_score,
+# st_vp_only
+
+
+def alpha_sigma_np(name: str, t: float) -> tuple[float, float]:
+    """alpha(t), sigma(t) of SDES[name] from the closed forms (score_sde's parameters)."""
+    if name == "vp":
+        log_mean = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
+        return math.exp(log_mean), math.sqrt(-math.expm1(2 * log_mean))
+    return 1.0, 0.01 * (50.0 / 0.01) ** t
+
+
+def original_reconstruction_np(name, x0, z, tau, c, lossless=False):
+    """The Soft Truncation repository's reconstruction term per sample (NumPy, float64), for the shrink score
+    s = -c x / sigma^2: x_tau = alpha x0 + sigma z, q_mean = x_tau / alpha + sigma^2 s / alpha, q_std = sigma /
+    alpha; gaussian: q_recon - p_entropy; lossless: -sum log of the discretized decoder's bin masses."""
+    from scipy.stats import norm
+
+    alpha, sigma = alpha_sigma_np(name, tau)
+    x0 = x0.reshape(x0.shape[0], -1).astype(np.float64)
+    z = z.reshape(z.shape[0], -1).astype(np.float64)
+    x_tau = alpha * x0 + sigma * z
+    score = -c * x_tau / sigma**2
+    q_mean = x_tau / alpha + sigma**2 * score / alpha
+    q_std = sigma / alpha
+    n_dim = x0.shape[1]
+    if lossless:
+        hi = norm.cdf((x0 + 1 / 255 - q_mean) / q_std)
+        lo = norm.cdf((x0 - 1 / 255 - q_mean) / q_std)
+        mass = np.where(x0 < -0.999, hi, np.where(x0 > 0.999, 1 - lo, hi - lo))
+        return -np.log(np.maximum(mass, 1e-12)).sum(1)
+    p_entropy = n_dim / 2 * (np.log(2 * np.pi) + 2 * np.log(sigma) + 1)
+    q_recon = n_dim / 2 * (np.log(2 * np.pi) + 2 * np.log(q_std)) + 0.5 / q_std**2 * ((x0 - q_mean) ** 2).sum(1)
+    return q_recon - p_entropy
+
+
+def draws_after_main_term(seed, batch):
+    """The noise of x_tau: drawn after the main term's t ~ U[tau, T] and z."""
+    torch.manual_seed(seed)
+    torch.rand(batch.shape[0])
+    torch.randn_like(batch)
+    return torch.randn_like(batch)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+@pytest.mark.parametrize("reduce_mean", [True, False])
+def test_reconstruction_loss_matches_the_original_formula(name, reduce_mean, patch_score):
+    sde = SDES[name]()
+    c = 0.7  # a model that under-denoises: the decoder's mean is off
+    patch_score(shrink_score(sde, lambda t: c + 0 * t))
+    torch.manual_seed(0)
+    x0 = 0.5 * torch.randn(3, 3, 2, 2)
+    tau = 0.02  # the step's truncation time (not eps) is where the decoder sits
+    for factor in (0.5, 1.0):  # Soft Truncation convention: added as is; score_sde's: twice (same ratio)
+        common = dict(train=False, reduce_mean=reduce_mean, continuous=True, eps=1e-5, loss_factor=factor)
+        plain = losses.get_per_sample_loss_fn(sde, **common)
+        with_recon = losses.get_per_sample_loss_fn(sde, reconstruction_loss=True, **common)
+        torch.manual_seed(3)
+        a = plain(None, x0, tau=tau)
+        torch.manual_seed(3)
+        b = with_recon(None, x0, tau=tau)
+        z = draws_after_main_term(3, x0)
+        expected = original_reconstruction_np(name, x0.numpy(), z.numpy(), tau, c)
+        expected = 2 * factor * (expected / 12 if reduce_mean else expected)
+        np.testing.assert_allclose((b - a).detach().numpy(), expected, rtol=2e-4, atol=1e-5)
+
+
+def test_lossless_reconstruction_loss_matches_the_original_formula(patch_score):
+    sde = SDES["ve"]()
+    c = 0.9
+    patch_score(shrink_score(sde, lambda t: c + 0 * t))
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 256, (3, 3, 2, 2), generator=g).float() / 127.5 - 1.0  # 8-bit data in [-1, 1]
+    x0[0, 0, 0] = torch.tensor([-1.0, 1.0])  # both edge levels
+    tau = 0.05  # sigma = 0.015: a few bins wide
+    kwargs = dict(train=False, reduce_mean=False, continuous=True, loss_factor=0.5)
+    plain = losses.get_per_sample_loss_fn(sde, **kwargs)
+    lossless = losses.get_per_sample_loss_fn(
+        sde, reconstruction_loss=True, decoder="lossless", inverse_scaler=lambda x: (x + 1) / 2, **kwargs
+    )
+    torch.manual_seed(4)
+    a = plain(None, x0, tau=tau)
+    torch.manual_seed(4)
+    b = lossless(None, x0, tau=tau)
+    z = draws_after_main_term(4, x0)
+    expected = original_reconstruction_np("ve", x0.numpy(), z.numpy(), tau, c, lossless=True)
+    np.testing.assert_allclose((b - a).numpy(), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="inverse_scaler"):
+        losses.get_per_sample_loss_fn(sde, reconstruction_loss=True, decoder="lossless", **kwargs)(None, x0)
+
+
+def st_config(**training):
+    from configs.default_cifar10_configs import get_default_configs
+
+    config = get_default_configs()
+    config.training.sde = "vpsde"
+    config.training.continuous = True
+    config.training.reduce_mean = True
+    config.training.loss_convention = "soft_truncation"
+    config.data.centered = True
+    for key, value in training.items():
+        config.training[key] = value
+    return config
+
+
+def test_config_reconstruction_loss_and_lossless_dequantization_drive_the_step(patch_score):
+    """training.reconstruction_loss and data.dequantization = 'lossless' reach the loss through the config."""
+    sde = SDES["vp"]()
+    c = 0.8
+    patch_score(shrink_score(sde, lambda t: c + 0 * t))
+    model = torch.nn.Linear(1, 1)
+    state = dict(model=model, optimizer=None, step=0, ema=FakeStoreEMA())
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randint(0, 256, (4, 3, 2, 2), generator=g).float() / 127.5 - 1.0
+    values = {}
+    for recon, dequantization in ((False, "none"), (True, "none"), (True, "lossless")):
+        config = st_config(reconstruction_loss=recon)
+        config.data.dequantization = dequantization
+        step_fn = losses.get_step_fn_from_config(config, sde, train=False)
+        torch.manual_seed(6)
+        values[recon, dequantization] = float(step_fn(state, x0))
+    z = draws_after_main_term(6, x0).numpy()
+    eps = float(st_config().training.truncation_time)  # the eval step sits at tau = eps
+    for dequantization in ("none", "lossless"):
+        term = original_reconstruction_np("vp", x0.numpy(), z, eps, c, lossless=dequantization == "lossless")
+        assert values[True, dequantization] - values[False, "none"] == pytest.approx(np.mean(term) / 12, rel=1e-4)
+
+
+class FakeStoreEMA:
+    def store(self, params):
+        pass
+
+    def copy_to(self, params):
+        pass
+
+    def restore(self, params):
+        pass
+
+
+def test_ddpm_score_false_takes_the_output_as_the_score():
+    """training.ddpm_score (VP / sub-VP): True -> score = -output / sigma (score_sde); False -> output."""
+    from models import utils as mutils
+
+    sde = SDES["vp"]()
+
+    class Net(torch.nn.Module):
+        def __init__(self, ddpm_score):
+            super().__init__()
+            self.config = st_config(ddpm_score=ddpm_score)
+
+        def forward(self, x, labels):
+            return x * (1 + labels.reshape(-1, 1, 1, 1) / 999)
+
+    x = torch.randn(2, 3, 2, 2)
+    t = torch.tensor([0.1, 0.6])
+    std = sde.marginal_prob(torch.zeros_like(x), t)[1].reshape(-1, 1, 1, 1)
+    out = x * (1 + t.reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(mutils.get_score_fn(sde, Net(True), continuous=True)(x, t), -out / std)
+    torch.testing.assert_close(mutils.get_score_fn(sde, Net(False), continuous=True)(x, t), out)
+
+
+def test_st_vp_only_keeps_ve_on_the_fixed_interval(monkeypatch):
+    """training.st_vp_only: the Soft Truncation repository drew tau for VP / sub-VP only."""
+    drawn = []
+    monkeypatch.setattr(losses, "sample_tau", lambda st, k, eps, T=1.0: drawn.append(st) or eps)
+    model = Linear(SDES["vp"]())
+    for name, vp_only, expected in (("ve", True, False), ("rve", True, False), ("ve", False, True), ("vp", True, True)):
+        sde = SDES[name]()
+        config = st_config(st=True, st_vp_only=vp_only)
+        assert losses.soft_truncation_applies(config, sde) is expected
+        monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, m, train=False, continuous=False: m.score)
+        step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=lambda o, p, step: None)
+        drawn.clear()
+        step_fn(make_state(model), torch.randn(4, 5))
+        assert drawn == [expected]
+
+
+def test_released_rve_runs_draw_t_uniform_in_one_over_t_with_the_variance_weighting(patch_score):
+    """configs/ve/CIFAR10/uncsnpp_st.py reproduces the ST repository's reciprocal VE training: t = 1 / U(1, 1/eps)
+    (KS test against that closed-form CDF) and the variance weighting without a Z factor (Monte Carlo mean)."""
+    from scipy import stats
+
+    import run_lib
+    from configs.ve.CIFAR10 import uncsnpp_st
+    from models.ema import ExponentialMovingAverage
+
+    config = uncsnpp_st.get_config()
+    assert config.training.time_sampling == "importance" and not config.training.importance_sampling
+    sde, _ = run_lib.get_corruption(config)
+    eps = float(config.training.truncation_time)
+    c = 0.6
+    drawn = []
+
+    def score_fn(x, t):
+        drawn.append(t.detach().clone())
+        return shrink_score(sde, lambda s: c + 0 * s)(x, t)
+
+    patch_score(score_fn)
+    step_fn = losses.get_step_fn_from_config(config, sde, train=False)
+    torch.manual_seed(0)
+    batch = torch.zeros(4000, 1, 2, 2)
+    net = torch.nn.Linear(1, 1)
+    state = dict(model=net, optimizer=None, ema=ExponentialMovingAverage(net.parameters(), 0.9), step=0)
+    loss = float(step_fn(state, batch))
+    t = torch.cat(drawn).double().numpy()
+    assert t.min() >= eps and t.max() <= 1.0
+    cdf = lambda s: (1.0 / eps - 1.0 / s) / (1.0 / eps - 1.0)  # noqa: E731  P(1/U <= s), U ~ U(1, 1/eps)
+    assert stats.kstest(t, cdf).pvalue > 1e-3
+    assert stats.kstest(t, stats.uniform(eps, 1 - eps).cdf).pvalue < 1e-6  # not uniform on [eps, 1]
+    # zero data: residual = (1 - c)^2 ||z||^2; ST convention 0.5 * (0.5 * sum) -> mean 0.25 (1 - c)^2 D
+    expected = 0.25 * (1 - c) ** 2 * 4
+    standard_error = 0.25 * (1 - c) ** 2 * math.sqrt(2 * 4) / math.sqrt(4000)
+    assert abs(loss - expected) < 4 * standard_error
+
+
+def test_time_sampling_field_is_checked():
+    assert losses.resolve_time_sampling("variance", "") is False
+    assert losses.resolve_time_sampling("importance", "") is True
+    assert losses.resolve_time_sampling("variance", "importance") is True
+    with pytest.raises(ValueError, match="time_sampling"):
+        losses.resolve_time_sampling("importance", "uniform")
+    with pytest.raises(ValueError, match="time_sampling"):
+        losses.resolve_time_sampling("variance", "log")

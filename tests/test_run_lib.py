@@ -326,3 +326,211 @@ def test_blur_corruption_trains_and_samples_from_the_checkpoint_alone(tmp_path):
     out = run_lib.sample(config, str(workdir), "eval")
     with np.load(os.path.join(out, "samples_0.npz")) as data:
         assert data["samples"].shape == (4, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fields of both repositories that select what --mode eval computes; evaluation without data; progress
+
+
+def test_eval_plan_reads_the_fields_of_both_repositories():
+    config = tiny_config()
+    ev = config.eval
+    ev.enable_bpd = True
+    ev.nll_iter, ev.bpd_num_repeats = 3, 5  # the Soft Truncation name wins over the default of the older one
+    ev.nelbo_iter, ev.num_test_data, ev.residual = 2, 100, False
+    plan = run_lib.eval_plan(config)
+    assert (plan.nll_passes, plan.nelbo_passes, plan.num_test_data, plan.truncation) == (3, 2, 100, "plain")
+    ev.nll_iter, ev.bpd_num_repeats = 5, 2  # ... and the older name, when only it was changed
+    assert run_lib.eval_plan(config).nll_passes == 2
+    ev.nll_iter = 4
+    with pytest.raises(ValueError, match="nll_iter=4 and eval.bpd_num_repeats=2"):
+        run_lib.eval_plan(config)
+    ev.nll_iter = ev.bpd_num_repeats = 0  # the ST configs' value: no probability-flow NLL, NELBO only
+    assert (run_lib.eval_plan(config).nll_passes, run_lib.eval_plan(config).nelbo_passes) == (0, 2)
+    ev.enable_bpd = False  # the Soft Truncation repository computes both only under eval.enable_bpd
+    assert (run_lib.eval_plan(config).nll_passes, run_lib.eval_plan(config).nelbo_passes) == (0, 0)
+    ev.enable_nelbo, ev.nelbo_iter, ev.nll_iter, ev.bpd_num_repeats = True, 0, 1, 1  # this project's switch
+    assert run_lib.eval_plan(config).nelbo_passes == 1
+    ev.residual = True
+    config.data.dequantization = "lossless"
+    assert run_lib.eval_plan(config).decoder == "lossless"
+    config.sampling.sample_more = False
+    assert run_lib.eval_plan(config).sample_more is False
+    ev.lambda_ = 0.5
+    with pytest.raises(ValueError, match="probability_flow"):
+        run_lib.eval_plan(config)  # eval.probability_flow unset: True by default, which needs lambda_ = 0
+    ev.probability_flow = False
+    assert run_lib.eval_plan(config).lambda_ == 0.5
+    ev.residual = False
+    with pytest.raises(ValueError, match="eval.residual=True"):
+        run_lib.eval_plan(config)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("dequantization", "bogus", "data.dequantization"),
+        ("uniform_dequantization", True, "contradicts"),
+    ],
+)
+def test_bad_dequantization_is_rejected(field, value, match):
+    config = tiny_config()
+    config.data.dequantization = "lossless"
+    config.data[field] = value
+    with pytest.raises(ValueError, match=match):
+        run_lib.validate_config(config)
+
+
+def test_bits_per_dim_counts_follow_nll_iter_nelbo_iter_num_test_data(tmp_path, capsys, caplog):
+    import json
+    import logging
+
+    workdir = tmp_path / "run"
+    config = tiny_config(n_iters=2)
+    run_lib.train(config, str(workdir))
+    ev = config.eval
+    ev.begin_ckpt, ev.end_ckpt = 0, 3  # only checkpoint_1.pth exists: the others are skipped
+    ev.batch_size = 4
+    ev.enable_loss = False
+    ev.enable_sampling = False
+    ev.enable_bpd = True
+    ev.nll_iter = ev.bpd_num_repeats = 2
+    ev.nelbo_iter = 3
+    ev.num_test_data = 6  # 16 eval images in batches of 4: per pass batches of 4 and 2
+    ev.max_bpd_batches = 0
+    ev.bpd_rtol = ev.bpd_atol = 1e-3
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        results = run_lib.evaluate(config, str(workdir), "eval")
+    assert list(results) == [1]
+    folder = workdir / "eval" / "ckpt_1"
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["bpd_num_images"] == 2 * 6 and len(saved["bpd_pass_means"]) == 2
+    assert saved["nelbo_num_images"] == 3 * 6 and len(saved["nelbo_pass_means"]) == 3
+    assert saved["bpd"] == pytest.approx(np.mean(saved["bpd_pass_means"]))
+    sizes = [np.load(folder / f"bpd_{i}.npy").size for i in range(4)]
+    assert sizes == [4, 2, 4, 2] and not (folder / "bpd_4.npy").exists()
+    err = capsys.readouterr().err
+    assert "bits/dim ckpt 1" in err and "nfe=" in err and "NELBO ckpt 1" in err  # tqdm bars
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ckpt 1 (")]
+    assert len(summary) == 1 and "bpd=" in summary[0] and "nelbo_bpd=" in summary[0]
+
+
+def test_eval_without_a_dataset_samples_and_says_what_it_skipped(tmp_path, inception_weights, caplog):  # noqa: F811
+    import json
+    import logging
+
+    workdir = tmp_path / "run"
+    config = tiny_config(n_iters=2)
+    run_lib.train(config, str(workdir))
+    config.data.dataset = "CIFAR10"  # a released checkpoint and no data on this machine
+    config.data.root = str(tmp_path / "no-data-here")
+    config.data.download = False
+    config.sampling.method = "dpm_solver"
+    config.sampling.nfe = 3
+    ev = config.eval
+    ev.begin_ckpt = ev.end_ckpt = 1
+    ev.batch_size = 4
+    ev.num_samples = 6
+    ev.enable_loss = ev.enable_bpd = ev.enable_nelbo = ev.enable_sampling = ev.enable_fid = True
+    ev.inception_path = inception_weights
+    ev.stats_path = str(tmp_path / "stats.npz")  # not there yet
+    with caplog.at_level(logging.INFO):
+        run_lib.evaluate(config, str(workdir), "eval")
+    folder = workdir / "eval" / "ckpt_1"
+    saved = json.loads((folder / "results.json").read_text())
+    assert sorted(saved["skipped"]) == ["bpd", "eval_loss", "fid", "nelbo_bpd"]
+    assert all("no CIFAR10 data" in reason for reason in saved["skipped"].values())
+    assert "no reference statistics" in saved["skipped"]["fid"] and "fid" not in saved and "bpd" not in saved
+    assert sorted(os.listdir(folder / "samples")) == ["samples_0.npz", "samples_1.npz"]
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ckpt 1 (")]
+    assert "skipped" in summary[0] and "eval_loss: no CIFAR10 data" in summary[0]
+
+    # reference statistics but still no data: FID of the samples already on disk (sampling.sample_more=False)
+    rng = np.random.default_rng(0)
+    np.savez(ev.stats_path, pool_3=rng.normal(size=(20, 2048)).astype(np.float32))
+    config.sampling.sample_more = False
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling.sample_more=False must not draw samples")
+
+    original = run_lib.get_sampling_fn_from_config
+    run_lib.get_sampling_fn_from_config = no_sampling
+    try:
+        results = run_lib.evaluate(config, str(workdir), "eval")[1]
+    finally:
+        run_lib.get_sampling_fn_from_config = original
+    assert results["fid"] >= 0 and results["num_samples"] == 6 and "fid" not in results["skipped"]
+    assert sorted(results["skipped"]) == ["bpd", "eval_loss", "nelbo_bpd"]
+    # no samples on disk and sample_more=False: said so
+    results = run_lib.evaluate(config, str(workdir), "eval_empty")[1]
+    assert "sample_more=False" in results["skipped"]["samples"]
+
+
+def test_lossless_dequantization_evaluates_the_discrete_likelihood(tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    config = tiny_config(n_iters=2)
+    run_lib.train(config, str(workdir))
+    config.data.dequantization = "lossless"
+    ev = config.eval
+    ev.begin_ckpt = ev.end_ckpt = 1
+    ev.batch_size = 4
+    ev.enable_loss = ev.enable_sampling = False
+    ev.enable_bpd, ev.nll_iter, ev.bpd_num_repeats, ev.max_bpd_batches = True, 1, 1, 1
+    seen = {}
+    import likelihood
+
+    original = likelihood.get_likelihood_fn
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        fn = original(*args, **kwargs)
+
+        def wrapped(model, data):
+            seen["data"] = data
+            return fn(model, data)
+
+        return wrapped
+
+    monkeypatch.setattr(likelihood, "get_likelihood_fn", spy)
+    results = run_lib.evaluate(config, str(workdir), "eval")[1]
+    assert seen["decoder"] == "lossless" and seen["truncation"] == "exact"
+    levels = seen["data"].double() * 255.0  # uncentered data: the 8-bit levels themselves, not dequantized
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert np.isfinite(results["bpd"]) and results["bpd_num_images"] == 4
+
+
+@pytest.mark.parametrize("mode,dequantized", [("none", False), ("uniform", True)])
+def test_data_dequantization_drives_training_batches(tmp_path, monkeypatch, mode, dequantized):
+    config = tiny_config(n_iters=1)
+    config.data.dequantization = mode
+    batches = []
+    original = run_lib.losses.get_step_fn_from_config
+
+    def spy(config, sde, train, optimize_fn=None):
+        fn = original(config, sde, train, optimize_fn)
+
+        def step(state, batch, reference=None):
+            if train:
+                batches.append(batch.clone())
+            return fn(state, batch, reference=reference)
+
+        return step
+
+    monkeypatch.setattr(run_lib.losses, "get_step_fn_from_config", spy)
+    run_lib.train(config, str(tmp_path))
+    levels = batches[0].double() * 255.0
+    on_grid = torch.allclose(levels, levels.round(), atol=1e-4)
+    assert on_grid is not dequantized
+
+
+def test_whatever_sampling_samples_at_every_step(tmp_path):
+    config = tiny_config(n_iters=2, snapshot_sampling=True, whatever_sampling=True)
+    config.sampling.method = "dpm_solver"
+    config.sampling.nfe = 2
+    config.sampling.batch_size = 2
+    run_lib.train(config, str(tmp_path / "a"))
+    assert sorted(os.listdir(tmp_path / "a" / "samples")) == ["iter_1", "iter_2"]
+    config.training.whatever_sampling = False
+    run_lib.train(config, str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b" / "samples")) == ["iter_2"]
