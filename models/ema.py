@@ -54,8 +54,11 @@ class ExponentialMovingAverage:
             self.num_updates += 1
         one_minus_decay = 1.0 - ema_decay(self.decay, self.num_updates)
         with torch.no_grad():
-            for s, p in zip(self.shadow_params, params):
-                s.sub_(one_minus_decay * (s - p))
+            # One foreach kernel per stage over all tensors (grouped by device and dtype), the same arithmetic
+            # as the per-tensor loop s.sub_((1 - d) * (s - p)): shadow - param, times (1 - d), subtracted.
+            steps = torch._foreach_sub(self.shadow_params, [p.detach() for p in params])
+            torch._foreach_mul_(steps, one_minus_decay)
+            torch._foreach_sub_(self.shadow_params, steps)
 
     def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Write the averaged values into the trainable parameters."""

@@ -103,3 +103,22 @@ def test_mismatched_model_gives_clear_error():
         ema.load_state_dict({"decay": 0.9})
     with pytest.raises(ValueError, match="between 0 and 1"):
         ExponentialMovingAverage(other.parameters(), decay=1.5)
+
+
+def test_foreach_update_equals_the_per_parameter_loop_bit_for_bit():
+    """The foreach update does today's per-tensor arithmetic, s -= (1 - d) (s - p), exactly (float32 and float64)."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    ema = ExponentialMovingAverage(params, decay=0.999)
+    loop_shadow = [p.detach().clone() for p in params]
+    for n in range(1, 40):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update(params)
+        one_minus_decay = 1.0 - ema_decay(0.999, n)
+        for s, p in zip(loop_shadow, params):
+            s.sub_(one_minus_decay * (s - p.detach()))
+    for s, ref in zip(ema.shadow_params, loop_shadow):
+        assert s.dtype == ref.dtype
+        assert torch.equal(s, ref)
