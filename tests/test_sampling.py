@@ -450,8 +450,6 @@ class GaussianNet(torch.nn.Module):
 @pytest.mark.parametrize("name", SDES)
 def test_samplers_through_models_utils(name):
     """End to end through models.utils.get_score_fn (labels and output scaling) for each SDE."""
-    mutils = pytest.importorskip("models.utils")
-    del mutils
     sde, eps = make_sde(name)
     net = GaussianNet(sde)
     shape = (64, 1, 1, 2)

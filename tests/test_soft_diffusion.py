@@ -193,7 +193,8 @@ def test_sampler_draws_from_the_fitted_prior_and_applies_inverse_scaler():
 
 
 def test_registered_in_sampling():
-    sampling = pytest.importorskip("sampling")
+    import sampling
+
     config = ml_collections.ConfigDict()
     config.training = ml_collections.ConfigDict({"corruption": "blur"})
     config.sampling = ml_collections.ConfigDict({"method": "momentum"})
