@@ -42,6 +42,8 @@ LOSS_CONVENTIONS = {"score_sde": 1.0, "soft_truncation": 0.5}
 def get_optimizer(config, params) -> torch.optim.Optimizer:
     """Adam (score_sde) or AdamW, from config.optim."""
     amsgrad = bool(config.optim.get("amsgrad", False))
+    # optim.fused: one fused kernel per step (CUDA, CPU); None keeps torch's default (foreach on CUDA)
+    fused = True if bool(config.optim.get("fused", False)) else None
     if config.optim.optimizer == "Adam":
         return optim.Adam(
             params,
@@ -50,6 +52,7 @@ def get_optimizer(config, params) -> torch.optim.Optimizer:
             eps=config.optim.eps,
             weight_decay=config.optim.weight_decay,
             amsgrad=amsgrad,
+            fused=fused,
         )
     if config.optim.optimizer == "AdamW":
         return optim.AdamW(
@@ -59,6 +62,7 @@ def get_optimizer(config, params) -> torch.optim.Optimizer:
             eps=config.optim.eps,
             weight_decay=config.optim.weight_decay,
             amsgrad=amsgrad,
+            fused=fused,
         )
     raise ValueError(f"config.optim.optimizer={config.optim.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
 

@@ -163,6 +163,23 @@ def load_checkpoint_file(path: str, device: torch.device | str = "cpu") -> dict:
     return loaded
 
 
+# Param-group entries that choose how the optimizer computes (kernels), not what it computes: they follow the
+# optimizer built from the current config, not the checkpoint (a fused run resumes unfused and vice versa).
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """optimizer.load_state_dict(saved), keeping the current optimizer's implementation choices."""
+    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, keys in zip(optimizer.param_groups, chosen):
+        for key in IMPLEMENTATION_KEYS:
+            if key in keys:
+                group[key] = keys[key]
+            else:
+                group.pop(key, None)
+
+
 def restore_checkpoint(ckpt_dir: str, state: dict, device: torch.device | str) -> dict:
     """Load the checkpoint file `ckpt_dir` into `state` (score_sde's signature; the argument is a file path).
 
@@ -178,7 +195,7 @@ def restore_checkpoint(ckpt_dir: str, state: dict, device: torch.device | str) -
     if state.get("ema") is not None and "ema" in loaded:
         state["ema"].load_state_dict(loaded["ema"])
     if state.get("optimizer") is not None and "optimizer" in loaded:
-        state["optimizer"].load_state_dict(loaded["optimizer"])
+        load_optimizer_state(state["optimizer"], loaded["optimizer"])
     state["step"] = int(loaded["step"])
     for key in ("rng", "corruption"):
         if key in loaded:

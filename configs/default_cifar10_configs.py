@@ -137,6 +137,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.beta1 = 0.9
     optim.eps = 1e-8
     optim.amsgrad = False
+    optim.fused = False  # fused Adam kernel (CUDA, CPU): the same update up to float rounding; checkpoints unchanged
     optim.warmup = 5000
     optim.grad_clip = 1.0
     optim.num_micro_batch = 1  # gradient accumulation: micro-batches per step (they share one tau)
