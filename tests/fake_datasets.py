@@ -76,12 +76,15 @@ def write_celebahq(root: Path, n_images: int = 1001, size: int = 256, seed: int 
     folder = Path(root) / "celeba_hq_256"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n_images):
-        if i < 4:
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        else:
-            pixels = np.full((size, size, 3), rng.integers(0, 256, 3, dtype=np.uint8), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)
+        Image.fromarray(_face_pixels(rng, i, size)).save(folder / f"{i:05d}.png", compress_level=1)
     return n_images, min(n_images - 1, 1000)
+
+
+def _face_pixels(rng: np.random.Generator, i: int, size: int) -> np.ndarray:
+    """Image i of a fake face folder: random noise for the first four, a flat random colour after that."""
+    if i < 4:
+        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return np.full((size, size, 3), rng.integers(0, 256, 3, dtype=np.uint8), dtype=np.uint8)
 
 
 def write_lmdb(folder: Path, items: dict) -> None:
@@ -136,11 +139,7 @@ def write_ffhq(root: Path, n_images: int = 1001, size: int = 256, seed: int = 0)
     for i in range(n_images):
         folder = Path(root) / "images1024x1024" / f"{i // 1000 * 1000:05d}"
         folder.mkdir(parents=True, exist_ok=True)
-        if i < 4:
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        else:
-            pixels = np.full((size, size, 3), rng.integers(0, 256, 3, dtype=np.uint8), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)
+        Image.fromarray(_face_pixels(rng, i, size)).save(folder / f"{i:05d}.png", compress_level=1)
     return n_images, min(n_images - 1, 1000)
 
 
