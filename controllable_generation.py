@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-import sampling
+from models.utils import get_score_fn
+from samplers.base import check_eps
+from samplers.pc import pc_sample
 
 
 def colorization_basis(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -60,15 +62,15 @@ def get_pc_inpainter(
 ) -> Callable:
     """pc_inpainter(model, data, mask): fill the entries where mask == 0 of data (scaled like the model's
     data, [B, C, H, W]; mask broadcastable, 1 = known) by PC sampling with replacement of the known entries."""
-    sampling._check_eps(eps, sde)
+    check_eps(eps, sde)
 
     def pc_inpainter(model, data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             mask = mask.to(data.device, data.dtype)
-            score_fn = sampling._score_fn_from_model(sde, model, continuous)
+            score_fn = get_score_fn(sde, model, train=False, continuous=continuous)
             x = data * mask + sde.prior_sampling(data.shape).to(data.device, data.dtype) * (1.0 - mask)
             project = _replacement(sde, data, mask)
-            x, _ = sampling.pc_sample(
+            x, _ = pc_sample(
                 sde, score_fn, x, predictor, corrector, snr, n_steps, probability_flow, denoise, eps, project=project
             )
             return inverse_scaler(x)
@@ -91,7 +93,7 @@ def get_pc_colorizer(
     """pc_colorizer(model, gray_scale_img): colour images whose grey level is given ([B, 3, H, W], the grey
     level repeated in the three channels, scaled like the model's data): the grey channel of the decoupled
     image is held to the observation, the two colour channels are sampled."""
-    sampling._check_eps(eps, sde)
+    check_eps(eps, sde)
 
     def score_in_basis(score_fn: Callable) -> Callable:
         """The score of the decoupled variable: M is orthonormal, so it is the decoupled score."""
@@ -109,9 +111,9 @@ def get_pc_colorizer(
             mask[:, :1] = 1.0
             prior = decouple(sde.prior_sampling(gray_scale_img.shape).to(observed.device, observed.dtype))
             latent = observed * mask + prior * (1.0 - mask)
-            score_fn = score_in_basis(sampling._score_fn_from_model(sde, model, continuous))
+            score_fn = score_in_basis(get_score_fn(sde, model, train=False, continuous=continuous))
             project = _replacement(sde, observed, mask)
-            latent, _ = sampling.pc_sample(
+            latent, _ = pc_sample(
                 sde, score_fn, latent, predictor, corrector, snr, n_steps, probability_flow, denoise, eps, project
             )
             return inverse_scaler(couple(latent))

@@ -25,32 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 import ml_collections
 import torch
 
+import parametrization
+from configs.defaults import complete_config, default_blur_config  # noqa: F401  (default_blur_config: public)
+
 CORRUPTIONS = ("gaussian", "blur")
 BLUR_SCHEDULES = ("log", "linear", "file")
 NOISE_SCHEDULES = ("constant", "linear", "geometric")
 SSM_WEIGHTINGS = ("ssm", "plain")
-
-
-def default_blur_config() -> ml_collections.ConfigDict:
-    """The config.blur section with its defaults (Soft Diffusion, papers.md section 5)."""
-    blur = ml_collections.ConfigDict()
-    # blur std sigma_B in pixels at t = 0 and at t = 1
-    blur.sigma_min = 0.3
-    blur.sigma_max = 20.0
-    # sigma_B(t): 'log' (geometric: sigma_min (sigma_max / sigma_min)^t), 'linear', or 'file' (schedule_file)
-    blur.schedule = "log"
-    # json file written by tools/blur_schedule.py ({'t': [...], 'sigma': [...]}); used when schedule == 'file'
-    blur.schedule_file = ""
-    # s_t: 'constant' (= noise_max), 'linear' or 'geometric' between noise_min (t = 0) and noise_max (t = 1)
-    blur.noise_schedule = "geometric"
-    blur.noise_min = 0.01
-    blur.noise_max = 0.1
-    # training images used to fit the Gaussian prior at t = 1 before training (stored in the checkpoint)
-    blur.prior_fit_images = 2048
-    # sampling: number of network evaluations N of the naive / momentum sampler, and whether to inject noise
-    blur.num_steps = 100
-    blur.sampler_noise = True
-    return blur
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,22 +179,6 @@ def ssm_lambda(noise_std: torch.Tensor, weighting: str = "ssm") -> torch.Tensor:
     raise ValueError(f"unknown Soft Score Matching weighting {weighting!r}: use one of {SSM_WEIGHTINGS}")
 
 
-def soft_score_matching_loss(
-    h: torch.Tensor,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    corruption: BlurCorruption,
-    weighting: str = "ssm",
-    reduce_mean: bool = True,
-) -> torch.Tensor:
-    """Per-sample loss [B]: lambda(t) reduce(||C_t (h - x0)||^2) / (2 s_t^4) (reduce: mean or sum)."""
-    residual = corruption.blur_at(h - x0, t)
-    sq = residual.reshape(residual.shape[0], -1) ** 2
-    reduced = sq.mean(dim=1) if reduce_mean else sq.sum(dim=1)
-    s = corruption.noise_std(t)
-    return ssm_lambda(s, weighting) * reduced / (2 * s**4)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The blur corruption
 # ------------------------------------------------------------------------------------------------------------
@@ -273,16 +238,16 @@ class BlurCorruption:
                 "config.training.corruption = 'blur' needs a config.blur section: set "
                 "config.blur = corruption.default_blur_config() and override its fields"
             )
-        b = config.blur
+        b = complete_config(config).blur
         return cls(
             sigma_min=b.sigma_min,
             sigma_max=b.sigma_max,
             schedule=b.schedule,
-            schedule_file=b.get("schedule_file", ""),
+            schedule_file=b.schedule_file,
             noise_schedule=b.noise_schedule,
             noise_min=b.noise_min,
             noise_max=b.noise_max,
-            N=b.get("num_steps", 100),
+            N=b.num_steps,
         )
 
     @property
@@ -436,30 +401,19 @@ class BlurCorruption:
 
     # networks -----------------------------------------------------------------------------------------------
     def get_denoiser_fn(self, model: torch.nn.Module, train: bool = False) -> Callable:
-        """h(x, t) = x + model(x, 999 t): residual prediction of the clean image (positional embedding)."""
-
-        def denoiser_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model.train(train)
-            t = _as_batch(t, x)
-            return x + model(x, 999 * t)
-
-        return denoiser_fn
+        """h(x, t) = x + model(x, 999 t): the clean-image prediction (parametrization.BlurResidual.denoise)."""
+        return parametrization.BlurResidual(model, self, train=train).denoise
 
     def get_score_fn(self, model: torch.nn.Module, train: bool = False, continuous: bool = True) -> Callable:
-        """score(x, t) = -(x - C_t h(x, t)) / s_t^2 (labels are always 999 t; `continuous` is ignored)."""
-        denoiser_fn = self.get_denoiser_fn(model, train=train)
-
-        def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t = _as_batch(t, x)
-            s = self.noise_std(t).reshape(-1, 1, 1, 1)
-            return -(x - self.blur_at(denoiser_fn(x, t), t)) / s**2
-
-        return score_fn
+        """score(x, t) = -(x - C_t h(x, t)) / s_t^2 (parametrization.BlurResidual.score; `continuous` is
+        ignored: the labels are always 999 t)."""
+        return parametrization.BlurResidual(model, self, train=train).score
 
 
 def get_corruption(config: ml_collections.ConfigDict):
     """config.training.corruption: 'gaussian' -> sde_lib.get_sde(config)[0]; 'blur' -> BlurCorruption."""
-    name = config.training.get("corruption", "gaussian")
+    config = complete_config(config)
+    name = config.training.corruption
     if name == "gaussian":
         import sde_lib
 

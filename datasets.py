@@ -10,14 +10,12 @@ config.data.random_flip) and the uniform dequantization x = (k + u) / 256, u ~ U
 dequantization x = k / 255. Images without a class label (CELEBA, CelebAHQ, FFHQ, LSUN, IMAGE_FOLDER,
 unlabeled STL10) get label -1.
 
-Loaders. The training loader reshuffles every epoch (its torch.Generator is seeded with config.seed, so
-the order is reproducible) and drops the last incomplete batch. get_dataset(..., rank=r, world_size=w)
-with w > 1 shards the training set with a DistributedSampler; each rank's batch is then
-config.training.batch_size // w (the config's batch size stays the global one and must be divisible by w).
-The evaluation loader neither shuffles nor drops (every evaluation image once, in a fixed order) and is
-not sharded. Batch size: config.training.batch_size, or config.eval.batch_size for both loaders when
-evaluation=True (as score_sde). infinite_loader(loader) draws batches forever (calling set_epoch on a
-DistributedSampler each epoch). config.data.num_workers (default 0) worker processes; pin_memory when
+Loaders (score_sde's get_dataset; training itself reads get_train_dataset through run_lib.TrainStream,
+which shards it across ranks). The training loader reshuffles every epoch (its torch.Generator is seeded
+with config.seed, so the order is reproducible) and drops the last incomplete batch. The evaluation loader
+neither shuffles nor drops (every evaluation image once, in a fixed order). Batch size:
+config.training.batch_size, or config.eval.batch_size for both loaders when evaluation=True (as score_sde).
+config.data.num_workers (default 0) worker processes; pin_memory when
 config.device is a CUDA device. get_train_dataset(config) returns the random-access training set (an
 ImageDataset: len(), get_batch(indices, augment=True) -> float32 [n, C, H, W] in [0, 1]), the same kind
 of object as `train_ds.dataset`.
@@ -133,15 +131,20 @@ import pickle
 import tarfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from configs.defaults import complete_config
 
 DATASETS = ("CIFAR10", "CELEBA", "CelebAHQ", "IMAGENET32", "STL10", "SHAPES", "LSUN", "FFHQ", "IMAGE_FOLDER")
+# Evaluation images when config.data.num_eval is 0: SHAPES draws 1024, image folders hold out 1000.
+SHAPES_NUM_EVAL = 1024
+FOLDER_NUM_EVAL = 1000
 
 _SOURCES = {
     "CIFAR10": "CIFAR-10 python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html",
@@ -1245,7 +1248,8 @@ def ensure_downloaded(name: str, root: str, download: bool | None = None) -> boo
 
 def data_root(config) -> str:
     """Dataset directory: config.data.root if set, else $SCORE_SDE_DATA/<dataset>, else ./data/<dataset>."""
-    root = config.data.get("root", "") or ""
+    config = complete_config(config)
+    root = config.data.root
     if root:
         return os.path.expanduser(str(root))
     base = os.environ.get("SCORE_SDE_DATA", "")
@@ -1254,10 +1258,11 @@ def data_root(config) -> str:
 
 def _dequantization(config, uniform_dequantization: bool) -> bool:
     """Dequantize if asked: argument, data.uniform_dequantization, or data.dequantization == 'uniform'."""
-    mode = config.data.get("dequantization", "none")
+    config = complete_config(config)
+    mode = config.data.dequantization
     if mode not in ("none", "uniform"):
         raise ValueError(f"config.data.dequantization must be 'none' or 'uniform', got {mode!r}")
-    return bool(uniform_dequantization or config.data.get("uniform_dequantization", False) or mode == "uniform")
+    return bool(uniform_dequantization or config.data.uniform_dequantization or mode == "uniform")
 
 
 def _check_config(config) -> str:
@@ -1265,7 +1270,7 @@ def _check_config(config) -> str:
     name = config.data.dataset
     if name not in DATASETS:
         raise ValueError(f"unknown config.data.dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    channels = config.data.get("num_channels", 3)
+    channels = config.data.num_channels
     if channels != 3:
         raise ValueError(f"config.data.num_channels must be 3 for {name} (RGB images), got {channels}")
     if int(config.data.image_size) < 1:
@@ -1287,8 +1292,8 @@ def _preprocessing(config, name: str) -> tuple[str, str]:
     default = _DEFAULT_PREPROCESSING[name]
     if name == "LSUN" and int(config.data.image_size) == 128:
         default = ("short_side", "bilinear")  # score_sde: resize_small then central_crop at 128 px
-    crop = config.data.get("crop", "") or default[0]
-    resize_filter = config.data.get("resize_filter", "") or default[1]
+    crop = config.data.crop or default[0]
+    resize_filter = config.data.resize_filter or default[1]
     if crop not in CROP_MODES:
         raise ValueError(f"config.data.crop must be '' (the dataset's default) or one of {CROP_MODES}; got {crop!r}")
     if resize_filter not in RESIZE_FILTERS:
@@ -1301,7 +1306,7 @@ def _preprocessing(config, name: str) -> tuple[str, str]:
 
 def _lsun_category(config) -> str:
     """config.data.category, required for LSUN."""
-    category = config.data.get("category", "")
+    category = config.data.category
     if not isinstance(category, str) or not category:
         raise ValueError(
             "config.data.category must name the LSUN category for data.dataset = 'LSUN' (e.g. 'bedroom' or "
@@ -1319,7 +1324,9 @@ def _lsun_dataset(source: tuple, size: int, flip: bool, dequantize: bool, kw: di
 
 
 def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
-    """The requested splits ('train' / 'eval') of config.data.dataset as ImageDatasets."""
+    """The requested splits ('train' / 'eval') of config.data.dataset as ImageDatasets (the data factory:
+    the one reader of config.data, completed with configs.defaults)."""
+    config = complete_config(config)
     name = _check_config(config)
     size = int(config.data.image_size)
     root = data_root(config)
@@ -1330,10 +1337,10 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
         return ArrayImageDataset(arrays_, labels, size, random_flip=which, uniform_dequantization=dequantize, **kw)
 
     if name == "SHAPES":
-        seed = int(config.data.get("shapes_seed", 0))
+        seed = int(config.data.shapes_seed)
         counts = {
-            "train": int(config.data.get("num_train", 4096)),
-            "eval": int(config.data.get("num_eval", 1024)),
+            "train": int(config.data.num_train),
+            "eval": int(config.data.num_eval or SHAPES_NUM_EVAL),
         }
         out = []
         for split, f in zip(splits, flip):
@@ -1343,7 +1350,7 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
             out.append(arrays((images, labels), f))
         return out
     if name in ("CIFAR10", "IMAGENET32", "STL10"):
-        ensure_downloaded(name, root, config.data.get("download", True))
+        ensure_downloaded(name, root, config.data.download)
         reader = {"CIFAR10": _read_cifar10, "IMAGENET32": _read_imagenet32, "STL10": _read_stl10}[name]
         sources = dict(zip(("train", "eval"), reader(root)))
         decode = stl10_decode if name == "STL10" else None
@@ -1357,8 +1364,8 @@ def _build(config, splits: tuple, flip: tuple, dequantize: bool) -> list:
         if name == "LSUN":
             sources = dict(zip(("train", "eval"), _read_lsun(root, _lsun_category(config))))
             return [_lsun_dataset(sources[s], size, f, dequantize, kw) for s, f in zip(splits, flip)]
-        num_eval = int(config.data.get("num_eval", 1000))
-        files = dict(zip(("train", "eval"), _read_image_folder(name, root, num_eval, config.data.get("eval_root", ""))))
+        num_eval = int(config.data.num_eval or FOLDER_NUM_EVAL)
+        files = dict(zip(("train", "eval"), _read_image_folder(name, root, num_eval, config.data.eval_root)))
     return [
         FileImageDataset(
             files[s], np.full(len(files[s]), -1), size, random_flip=f, uniform_dequantization=dequantize, **kw
@@ -1383,12 +1390,12 @@ def get_eval_dataset(config, uniform_dequantization: bool = False) -> ImageDatas
 
 def _pin_memory(config) -> bool:
     """pin_memory when config.device is a CUDA device."""
-    device = config.get("device", None)
+    device = config.device
     return device is not None and torch.device(device).type == "cuda"
 
 
 def get_dataset(
-    config, uniform_dequantization: bool = False, evaluation: bool = False, rank: int = 0, world_size: int = 1
+    config, uniform_dequantization: bool = False, evaluation: bool = False
 ) -> tuple[DataLoader, DataLoader, None]:
     """Training and evaluation DataLoaders (train_ds, eval_ds, None) yielding {'image', 'label'} dicts.
 
@@ -1396,31 +1403,27 @@ def get_dataset(
       config: the ml_collections config (data / training / eval sections).
       uniform_dequantization: add U[0, 1) / 256 noise to the 8-bit values (both loaders).
       evaluation: use config.eval.batch_size and no random flip (as score_sde).
-      rank, world_size: data-parallel rank; world_size > 1 shards the training set (DistributedSampler).
+
+    Training (run_lib.train) draws its batches from get_train_dataset through run_lib.TrainStream; this
+    training loader is score_sde's API for notebooks and scripts.
     """
+    config = complete_config(config)
     batch_size = int(config.eval.batch_size if evaluation else config.training.batch_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if batch_size < 1 or batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} must be a positive multiple of world_size={world_size}")
-    local_batch = batch_size // world_size
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be positive")
+    local_batch = batch_size
     flip = bool(config.data.random_flip) and not evaluation
     train_set, eval_set = _build(
         config, ("train", "eval"), (flip, False), _dequantization(config, uniform_dequantization)
     )
-    if len(train_set) // world_size < local_batch:
+    if len(train_set) < local_batch:
         raise ValueError(
             f"the {config.data.dataset} training set has {len(train_set)} images, fewer than one batch of "
-            f"{local_batch} per rank: lower config.training.batch_size (config.eval.batch_size if evaluating)"
+            f"{local_batch}: lower config.training.batch_size (config.eval.batch_size if evaluating)"
         )
-    seed = int(config.get("seed", 0))
-    if world_size > 1:
-        sampler = DistributedSampler(
-            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-    else:
-        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
-    num_workers = int(config.data.get("num_workers", 0))
+    seed = int(config.seed)
+    sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
+    num_workers = int(config.data.num_workers)
     common = {
         "num_workers": num_workers,
         "pin_memory": _pin_memory(config),
@@ -1438,19 +1441,3 @@ def get_dataset(
         eval_set, batch_size=batch_size, shuffle=False, drop_last=False, collate_fn=eval_set.collate, **common
     )
     return train_ds, eval_ds, None
-
-
-def infinite_loader(loader: DataLoader) -> Iterator[dict]:
-    """Yield the loader's batches forever, epoch after epoch (calling set_epoch on a DistributedSampler)."""
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the data loader yields no batch (dataset smaller than one batch?)")
-        epoch += 1

@@ -1,9 +1,13 @@
-"""Multi-process data parallelism (torchrun): process group set-up and the few collectives training needs.
+"""Multi-process data parallelism (torchrun): process group set-up and the few collectives training and
+evaluation need.
 
 Launch training with `torchrun --nproc_per_node=G main.py --config ... --workdir DIR --mode train`: every process
 trains on its slice of the global batch (training.batch_size is the global batch), gradients are averaged by
-DistributedDataParallel, and only rank 0 writes checkpoints, logs and sample grids. Without torchrun (no
-WORLD_SIZE in the environment, or WORLD_SIZE=1) every function here is the single-process identity.
+DistributedDataParallel, and only rank 0 writes checkpoints, logs and sample grids. `--mode eval` and
+`--mode sample` under torchrun share their independent pieces (sampling rounds, bits/dim batches, Inception
+features) among the ranks with `share`; rank 0 alone writes the results. Several nodes: one torchrun per node
+with --nnodes and a c10d rendezvous; the work directory must be on a file system all nodes see. Without torchrun
+(no WORLD_SIZE in the environment, or WORLD_SIZE=1) every function here is the single-process identity.
 """
 
 import datetime
@@ -97,3 +101,20 @@ def gather_objects(obj: Any) -> list:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """The (picklable) object of rank `src` on every rank, e.g. rank 0's list of the pieces still to compute."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def share(items: list, rank: int | None = None, world_size: int | None = None) -> list:
+    """This rank's share of a list of independent jobs: items[rank::world_size] (round-robin; all of them in one
+    process)."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return list(items[rank::world_size])

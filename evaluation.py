@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from configs.defaults import complete_config
+
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
@@ -420,7 +422,7 @@ def dataset_stats_candidates(config) -> list[str]:
     """Where the reference statistics of config.data are looked for: config.eval.stats_path when set, else
     assets/stats/<dataset>_<size>_stats.npz (what --mode eval writes) and score_sde's
     assets/stats/<dataset>_stats.npz."""
-    explicit = config.eval.get("stats_path", "")
+    explicit = complete_config(config).eval.stats_path
     if explicit:
         return [explicit]
     name = config.data.dataset.lower()

@@ -34,7 +34,8 @@ from collections.abc import Callable
 
 import torch
 
-from sampling import adaptive_solver_options
+import parametrization
+from samplers.ode import adaptive_solver_options, probability_flow_drift
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -233,21 +234,6 @@ def _drift_and_div(fn: Callable, x: torch.Tensor, t: torch.Tensor, probe: torch.
     return out.detach(), div.detach()
 
 
-def probability_flow_drift(sde, score_fn: ScoreFn, lambda_: float = 0.0) -> Callable:
-    """Probability-flow ODE drift f(x, t) - g(t)^2 s(x, t) / 2 (Song et al. 2021, eq. 13).
-
-    lambda_ != 0 gives the drift f - (1 + lambda_^2) g^2 s / 2 of the reverse SDE with diffusion lambda_ g (the
-    Soft Truncation repository's eval.lambda_, with eval.probability_flow=False); integrating its divergence is
-    then no longer a likelihood (it is the original's experimental option)."""
-    weight = 0.5 * (1.0 + float(lambda_) ** 2)
-
-    def drift_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        drift, diffusion = sde.sde(x, t)
-        return drift - weight * _bcast(diffusion, x) ** 2 * score_fn(x, t)
-
-    return drift_fn
-
-
 # ------------------------------------------------------------------------------------------------------------
 # ODE solver (on the device, no NumPy round trip)
 # ------------------------------------------------------------------------------------------------------------
@@ -367,10 +353,13 @@ def get_likelihood_fn(
     ode_dtype: torch.dtype | None = torch.float64,
     decoder: str = "gaussian",
     lambda_: float = 0.0,
+    precision: str = "fp32",
 ) -> Callable:
     """likelihood_fn(model, data) -> (bpd [B], z = x_T, nfe), data in the model's range (score_sde API).
 
-    The model is called through models.utils.get_score_fn(sde, model, train=False, continuous=True).
+    The model is called through its parametrisation (parametrization.get_parametrization, eval mode); with
+    precision 'bf16' / 'fp16' the network runs under autocast while the ODE state and the divergence integral stay
+    in ode_dtype (float64 by default; float32 at least).
     likelihood_fn.from_score(score_fn, data) does the same for any score function score_fn(x, t).
     decoder='lossless' (truncation='exact'): bits/dim of the discrete data under the discretized decoder, no
     dequantization offset. lambda_: the reverse-SDE drift weight of probability_flow_drift (0: the ODE).
@@ -402,9 +391,9 @@ def get_likelihood_fn(
         return bpd, out["z"], out["nfe"]
 
     def likelihood_fn(model: torch.nn.Module, data: torch.Tensor):
-        from models import utils as mutils
-
-        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+        score_fn = parametrization.get_parametrization(
+            sde, model, train=False, continuous=True, precision=precision
+        ).score
         return from_score(score_fn, data)
 
     likelihood_fn.from_score = from_score
@@ -570,9 +559,10 @@ def get_nelbo_fn(
     antithetic: bool = True,
     data_std: float = 0.5,
     decoder: str = "gaussian",
+    precision: str = "fp32",
 ) -> Callable:
     """nelbo_fn(model, data) -> NELBO in bits/dim [B]; nelbo_fn.from_score(score_fn, data) likewise.
-    decoder='lossless': the discrete-data bound (no dequantization offset)."""
+    decoder='lossless': the discrete-data bound (no dequantization offset). precision: the network's autocast."""
     if truncation not in _TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} unknown; use one of {_TRUNCATIONS}.")
     _check_decoder(decoder, truncation)
@@ -594,9 +584,9 @@ def get_nelbo_fn(
         return nats_to_bpd(out["nelbo"], data[0].numel(), offset)
 
     def nelbo_fn(model: torch.nn.Module, data: torch.Tensor) -> torch.Tensor:
-        from models import utils as mutils
-
-        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+        score_fn = parametrization.get_parametrization(
+            sde, model, train=False, continuous=True, precision=precision
+        ).score
         return from_score(score_fn, data)
 
     nelbo_fn.from_score = from_score

@@ -32,7 +32,9 @@ import torch
 import torch.optim as optim
 
 import distributed
+import parametrization
 import sde_lib
+from configs.defaults import complete_config
 from models import utils as mutils
 
 WEIGHTINGS = ("variance", "likelihood", "importance", "x0")
@@ -41,9 +43,10 @@ LOSS_CONVENTIONS = {"score_sde": 1.0, "soft_truncation": 0.5}
 
 def get_optimizer(config, params) -> torch.optim.Optimizer:
     """Adam (score_sde) or AdamW, from config.optim."""
-    amsgrad = bool(config.optim.get("amsgrad", False))
+    config = complete_config(config)
+    amsgrad = bool(config.optim.amsgrad)
     # optim.fused: one fused kernel per step (CUDA, CPU); None keeps torch's default (foreach on CUDA)
-    fused = True if bool(config.optim.get("fused", False)) else None
+    fused = True if config.optim.fused else None
     if config.optim.optimizer == "Adam":
         return optim.Adam(
             params,
@@ -186,7 +189,9 @@ def reconstruction_term(
 
     t = torch.full((x0.shape[0],), float(tau), device=x0.device, dtype=x0.dtype)
     alpha, std = likelihood.alpha_and_std(sde, t)
-    x_tau = _broadcast(alpha, x0) * x0 + _broadcast(std, x0) * torch.randn_like(x0)
+    x_tau = _broadcast(alpha, x0) * x0 + _broadcast(std, x0) * torch.randn_like(
+        x0, memory_format=torch.contiguous_format
+    )
     q_mean, q_std = likelihood.gaussian_decoder(sde, score_fn, x_tau, t)
     num_dims = x0[0].numel()
     if decoder == "lossless":
@@ -216,8 +221,14 @@ def get_per_sample_loss_fn(
     decoder: str = "gaussian",
     inverse_scaler: Callable | None = None,
     time_sampling: str = "",
+    parametrization_factory: Callable | None = None,
+    precision: str = "fp32",
 ) -> Callable:
-    """loss_fn(model, batch, tau=None, reference=None) -> per-sample losses [B] (see the module docstring)."""
+    """loss_fn(model, batch, tau=None, reference=None) -> per-sample losses [B] (see the module docstring).
+    precision 'bf16' / 'fp16' runs the network under autocast; the loss is computed in the batch's dtype.
+
+    parametrization_factory(model, train) -> Parametrization (parametrization.get_parametrization_factory, built
+    once from the run's config); None: built from model.config at each call."""
     reduce_op = get_reduce_op(reduce_mean)
     weighting = resolve_weighting(likelihood_weighting, importance_sampling, weighting)
     importance_t = resolve_time_sampling(weighting, time_sampling)
@@ -227,9 +238,14 @@ def get_per_sample_loss_fn(
 
     def loss_fn(model, batch: torch.Tensor, tau: float | None = None, reference: torch.Tensor | None = None):
         tau_ = eps if tau is None else float(tau)
-        score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
+        if parametrization_factory is None:
+            score_fn = parametrization.get_parametrization(
+                sde, model, train=train, continuous=continuous, precision=precision
+            ).score
+        else:
+            score_fn = parametrization_factory(model, train=train).score
         t, is_factor = sample_time(sde, batch.shape[0], tau_, importance_t, batch.device)
-        z = torch.randn_like(batch)
+        z = torch.randn_like(batch, memory_format=torch.contiguous_format)  # the same noise in any memory format
         mean, std = sde.marginal_prob(batch, t)
         x_t = mean + _broadcast(std, batch) * z
         alpha = _mean_coefficient(sde, t)
@@ -281,7 +297,7 @@ def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
         model_fn = mutils.get_model_fn(model, train=train)
         labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
         sigmas = smld_sigma_array.to(batch.device)[labels]
-        noise = torch.randn_like(batch) * _broadcast(sigmas, batch)
+        noise = torch.randn_like(batch, memory_format=torch.contiguous_format) * _broadcast(sigmas, batch)
         score = model_fn(noise + batch, labels)
         target = -noise / _broadcast(sigmas**2, batch)
         losses = torch.square(score - target)
@@ -302,7 +318,7 @@ def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True) -> Callable:
         labels = torch.randint(0, vpsde.N, (batch.shape[0],), device=batch.device)
         sqrt_ac = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
         sqrt_1m_ac = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
-        noise = torch.randn_like(batch)
+        noise = torch.randn_like(batch, memory_format=torch.contiguous_format)
         perturbed = _broadcast(sqrt_ac, batch) * batch + _broadcast(sqrt_1m_ac, batch) * noise
         losses = torch.square(model_fn(perturbed, labels) - noise)
         return torch.mean(reduce_op(losses.reshape(losses.shape[0], -1), dim=-1))
@@ -344,6 +360,8 @@ def get_step_fn(
     decoder: str = "gaussian",
     inverse_scaler: Callable | None = None,
     time_sampling: str = "",
+    parametrization_factory: Callable | None = None,
+    precision: str = "fp32",
 ) -> Callable:
     """step_fn(state, batch, reference=None) -> mean loss; one optimisation step when train=True.
 
@@ -353,6 +371,11 @@ def get_step_fn(
     time_sampling (see resolve_time_sampling).
     A non-finite loss or gradient skips the step: parameters, optimizer, EMA and state['step'] are left
     unchanged and state['nonfinite'] is set to True.
+
+    precision (training.precision): 'fp32'; 'bf16' (the network under bf16 autocast; parameters, optimizer state,
+    EMA and the loss stay float32); 'fp16' (autocast with a dynamic gradient scaler: a step whose scaled gradients
+    overflow is skipped without touching parameters, optimizer or EMA, state['amp_skipped'] is set and counted in
+    state['amp_skipped_steps'], and the scale is lowered).
     """
     if continuous:
         common = dict(
@@ -365,6 +388,8 @@ def get_step_fn(
             reconstruction_loss=reconstruction_loss,
             decoder=decoder,
             inverse_scaler=inverse_scaler,
+            parametrization_factory=parametrization_factory,
+            precision=precision,
         )
         main_loss = get_per_sample_loss_fn(
             sde,
@@ -396,6 +421,8 @@ def get_step_fn(
 
     if num_micro_batch < 1:
         raise ValueError(f"optim.num_micro_batch must be >= 1, got {num_micro_batch}.")
+    parametrization.autocast_dtype(precision)  # validates the name
+    grad_scalers: dict = {}  # fp16: one dynamic loss scaler per device type, created on first use
 
     def batch_losses(model, batch, tau, reference):
         """Per-sample losses of one (micro-)batch (mixed mode: [B/2] combined losses)."""
@@ -432,21 +459,37 @@ def get_step_fn(
         chunks = torch.tensor_split(batch, num_micro_batch)
         if any(c.shape[0] == 0 for c in chunks):
             raise ValueError(f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.")
+        grad_scaler = None
+        if precision == "fp16":
+            if batch.device.type not in grad_scalers:
+                grad_scalers[batch.device.type] = torch.amp.GradScaler(batch.device.type)
+            grad_scaler = grad_scalers[batch.device.type]
+        state["amp_skipped"] = False
         total = torch.zeros((), device=batch.device)
         for i, chunk in enumerate(chunks):
             # DistributedDataParallel: average the gradients across ranks once, after the last micro-batch
             defer_sync = hasattr(model, "no_sync") and i < len(chunks) - 1
             with model.no_sync() if defer_sync else contextlib.nullcontext():
                 loss = torch.mean(batch_losses(model, chunk, tau, reference))
-                (loss * chunk.shape[0] / batch.shape[0]).backward()
+                part = loss * chunk.shape[0] / batch.shape[0]
+                (part if grad_scaler is None else grad_scaler.scale(part)).backward()
             total = total + loss.detach() * chunk.shape[0] / batch.shape[0]
         total = distributed.all_reduce_mean(total)  # every rank takes the same skip decision
+        if grad_scaler is not None:
+            grad_scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
+            if grad_scaler is not None and bool(torch.isfinite(total)):  # fp16 gradient overflow: lower the scale
+                grad_scaler.update()
+                state["amp_skipped"] = True
+                state["amp_skipped_steps"] = int(state.get("amp_skipped_steps", 0)) + 1
+                return total
             state["nonfinite"] = True
             return total
         optimize_fn(optimizer, model.parameters(), step=state["step"])
+        if grad_scaler is not None:
+            grad_scaler.update()
         state["step"] += 1
         state["ema"].update(model.parameters())
         return total
@@ -458,40 +501,125 @@ def soft_truncation_applies(config, sde) -> bool:
     """training.st, except for VE / RVE SDEs under training.st_vp_only (the Soft Truncation repository drew
     tau for VP / sub-VP only: its VE / RVE get_t_min returned eps unless called with st=True, which it never
     was)."""
-    if not bool(config.training.get("st", False)):
+    if not config.training.st:
         return False
-    return not (bool(config.training.get("st_vp_only", False)) and isinstance(sde, sde_lib.VESDE))
+    return not (config.training.st_vp_only and isinstance(sde, sde_lib.VESDE))
 
 
 def get_step_fn_from_config(config, sde, train: bool, optimize_fn: Callable | None = None) -> Callable:
-    """get_step_fn with every option read from the config (what run_lib uses)."""
-    training = config.training
-    convention = training.get("loss_convention", "score_sde")
-    if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f"training.loss_convention={convention!r}; valid: {list(LOSS_CONVENTIONS)}.")
-    k = float(training.get("k", 1.0))
+    """get_step_fn with every option read from the (completed) config: the objective's step function."""
+    return Objective(complete_config(config), sde).step_fn(train, optimize_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective object
+
+
+class Objective:
+    """The training objective of a run: time sampling x weighting x target (DSM or STF), with the corruption
+    (Gaussian SDE or blur), composed by get_step_fn from the config's training and optim sections.
+
+    setup(train_set, state) prepares what the objective needs from the data before the first step: the blur
+    corruption's Gaussian prior at t = 1 (fitted on training images, or restored from the checkpoint, and kept in
+    state['corruption']) and the Stable Target Field's reference-batch sampler. reference(batch, position) is the
+    STF reference batch of a training step (None without STF); it depends only on (seed, position, rank), so a
+    resumed run draws the same references."""
+
+    def __init__(self, config, corruption):
+        self.config = config
+        self.corruption = corruption
+        self.stf = bool(config.training.stf)
+        self.reference_sampler = None
+        self.make_parametrization = parametrization.get_parametrization_factory(
+            corruption, continuous=bool(config.training.continuous), config=config, precision=config.training.precision
+        )
+
+    # --- before the first step -----------------------------------------------------------------------------------
+    def setup(self, train_set, state: dict) -> None:
+        """Fit or restore the blur prior; build the STF reference sampler (see the class docstring)."""
+        config = self.config
+        if hasattr(self.corruption, "fit_prior"):
+            if "corruption" in state:
+                self.corruption.load_state_dict(state["corruption"])
+            else:
+                self.corruption.fit_prior(_prior_fit_images(config, train_set))
+            state["corruption"] = self.corruption.state_dict()
+        if self.stf:
+            import stf
+
+            self.reference_sampler = stf.ReferenceBatchSampler(
+                train_set, int(config.training.stf_ref_batch_size), random_flip=bool(config.data.random_flip)
+            )
+
+    # --- each step -------------------------------------------------------------------------------------------------
+    def reference(self, batch: torch.Tensor, position: int | None = None, gather: bool = True) -> torch.Tensor | None:
+        """STF reference batch: the step's own sources first, then extra training images scaled like the batch.
+
+        position (the training stream's position) seeds the extra draws with (seed, position, rank); None
+        continues the sampler's own stream (evaluation). With training.stf_gather (and gather) the references of
+        all data-parallel ranks are concatenated in rank order."""
+        if self.reference_sampler is None:
+            return None
+        import datasets
+        import stf
+
+        sampler = self.reference_sampler
+        if position is not None:
+            rank, world_size = distributed.get_rank(), distributed.get_world_size()
+            sampler.generator.manual_seed((self.config.seed * 1000033 + position) * world_size + rank)
+        extra = sampler.sample(batch.shape[0])
+        scaler = datasets.get_data_scaler(self.config)
+        reference = batch if extra.shape[0] == 0 else torch.cat([batch, scaler(extra.to(batch.device))], dim=0)
+        if gather and self.config.training.stf_gather:
+            reference = stf.gather_reference_batch(reference)
+        return reference
+
+    def step_fn(self, train: bool, optimize_fn: Callable | None = None) -> Callable:
+        """step_fn(state, batch, reference=None) -> mean loss (get_step_fn with the config's options)."""
+        config, sde = self.config, self.corruption
+        training = config.training
+        if training.loss_convention not in LOSS_CONVENTIONS:
+            raise ValueError(f"training.loss_convention={training.loss_convention!r}; valid: {list(LOSS_CONVENTIONS)}.")
+        k = float(training.k)
+        import datasets
+
+        return get_step_fn(
+            sde,
+            train=train,
+            optimize_fn=optimize_fn,
+            reduce_mean=training.reduce_mean,
+            continuous=training.continuous,
+            likelihood_weighting=training.likelihood_weighting,
+            eps=float(training.truncation_time),
+            importance_sampling=bool(training.importance_sampling),
+            weighting=training.weighting or None,
+            st=soft_truncation_applies(config, sde),
+            k=k if math.isfinite(k) else math.inf,
+            mixed=bool(training.mixed),
+            balanced=bool(training.balanced),
+            ddpm_weight=float(training.ddpm_weight),
+            num_micro_batch=int(config.optim.num_micro_batch),
+            stf=self.stf,
+            loss_factor=LOSS_CONVENTIONS[training.loss_convention],
+            reconstruction_loss=bool(training.reconstruction_loss),
+            decoder="lossless" if config.data.dequantization == "lossless" else "gaussian",
+            inverse_scaler=datasets.get_data_inverse_scaler(config),
+            time_sampling=training.time_sampling,
+            parametrization_factory=self.make_parametrization,
+            precision=training.precision,
+        )
+
+
+def get_objective(config, corruption) -> Objective:
+    """The Objective of a run (config completed with configs.defaults first)."""
+    return Objective(complete_config(config), corruption)
+
+
+def _prior_fit_images(config, train_set) -> torch.Tensor:
+    """Scaled training images for fitting the blur corruption's distribution at t = 1."""
     import datasets
 
-    return get_step_fn(
-        sde,
-        train=train,
-        optimize_fn=optimize_fn,
-        reduce_mean=training.reduce_mean,
-        continuous=training.continuous,
-        likelihood_weighting=training.likelihood_weighting,
-        eps=float(training.get("truncation_time", 1e-5)),
-        importance_sampling=bool(training.get("importance_sampling", False)),
-        weighting=training.get("weighting", "") or None,
-        st=soft_truncation_applies(config, sde),
-        k=k if math.isfinite(k) else math.inf,
-        mixed=bool(training.get("mixed", False)),
-        balanced=bool(training.get("balanced", False)),
-        ddpm_weight=float(training.get("ddpm_weight", 0.01)),
-        num_micro_batch=int(config.optim.get("num_micro_batch", 1)),
-        stf=bool(training.get("stf", False)),
-        loss_factor=LOSS_CONVENTIONS[convention],
-        reconstruction_loss=bool(training.get("reconstruction_loss", False)),
-        decoder="lossless" if config.data.get("dequantization", "none") == "lossless" else "gaussian",
-        inverse_scaler=datasets.get_data_inverse_scaler(config),
-        time_sampling=training.get("time_sampling", ""),
-    )
+    n = min(len(train_set), int(config.blur.prior_fit_images))
+    gen = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(len(train_set), generator=gen)[:n]
+    return datasets.get_data_scaler(config)(train_set.get_batch(idx, augment=False))

@@ -1,6 +1,6 @@
 """Entry point: python main.py --config CONFIG_FILE --workdir DIR --mode train|eval|sample [--config.FIELD=VALUE].
 
-Data-parallel training on G GPUs: torchrun --nproc_per_node=G main.py ... --mode train.
+Data-parallel on G GPUs (every mode): torchrun --nproc_per_node=G main.py ... --mode train|eval|sample.
 """
 
 import logging
@@ -31,21 +31,15 @@ def main(argv):
             config.device = torch.device(FLAGS.device)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
-    if FLAGS.mode == "train":
-        try:
-            run_lib.train(config, FLAGS.workdir)  # joins torchrun's process group when launched by torchrun
-        finally:
-            distributed.shutdown()
-        return
-    if distributed.launched_by_torchrun():
-        raise app.UsageError(
-            f"--mode {FLAGS.mode} runs in one process: start it with python main.py, not torchrun "
-            "(only --mode train is data-parallel)."
-        )
-    if FLAGS.mode == "eval":
-        run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
-    else:
-        run_lib.sample(config, FLAGS.workdir, FLAGS.eval_folder)
+    try:  # each mode joins torchrun's process group when launched by torchrun
+        if FLAGS.mode == "train":
+            run_lib.train(config, FLAGS.workdir)
+        elif FLAGS.mode == "eval":
+            run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
+        else:
+            run_lib.sample(config, FLAGS.workdir, FLAGS.eval_folder)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import datasets
 import distributed
 import losses
 import sde_lib
+from configs.defaults import complete_config
 from models import utils as mutils
 from models.ema import ExponentialMovingAverage
 from utils import get_rng_state, restore_checkpoint, save_checkpoint, set_rng_state
@@ -39,8 +40,9 @@ VALID_CORRUPTIONS = ("gaussian", "blur")
 
 def validate_config(config) -> None:
     """Reject invalid values before anything is built or trained, naming the field and the fix."""
+    config = complete_config(config)
     training, model, data = config.training, config.model, config.data
-    corruption = training.get("corruption", "gaussian")
+    corruption = training.corruption
     if corruption not in VALID_CORRUPTIONS:
         raise ValueError(f"training.corruption={corruption!r} is not one of {VALID_CORRUPTIONS}.")
     if corruption == "gaussian":
@@ -53,13 +55,13 @@ def validate_config(config) -> None:
             )
     if model.name not in mutils._MODELS:
         raise ValueError(f"model.name={model.name!r} is not a registered model; valid: {sorted(mutils._MODELS)}.")
-    eps = float(training.get("truncation_time", 1e-5))
+    eps = float(training.truncation_time)
     if not 0.0 < eps < 1.0:
         raise ValueError(f"training.truncation_time={eps} must lie in (0, T) = (0, 1).")
-    k = float(training.get("k", 1.0))
-    if training.get("st", False) and (math.isnan(k) or k < 0):
+    k = float(training.k)
+    if training.st and (math.isnan(k) or k < 0):
         raise ValueError(f"training.k={k} must be >= 0 (k = 0 is uniform, k -> inf is plain truncation at eps).")
-    ch_mult = model.get("ch_mult", None)
+    ch_mult = model.ch_mult
     if ch_mult is not None:
         factor = 2 ** (len(ch_mult) - 1)
         if data.image_size % factor:
@@ -67,29 +69,34 @@ def validate_config(config) -> None:
                 f"data.image_size={data.image_size} is not divisible by 2^(len(model.ch_mult)-1) = {factor}: "
                 "choose an image size that survives every down-sampling, or fewer resolution levels."
             )
-    micro = int(config.optim.get("num_micro_batch", 1))
+    micro = int(config.optim.num_micro_batch)
     if micro < 1 or training.batch_size % micro:
         raise ValueError(
             f"optim.num_micro_batch={micro} must be >= 1 and divide training.batch_size={training.batch_size}."
         )
-    if training.get("mixed", False) and (training.batch_size // micro) % 2:
+    if training.mixed and (training.batch_size // micro) % 2:
         raise ValueError("training.mixed=True needs an even micro-batch size (batch_size / num_micro_batch).")
     if corruption == "blur":
         for flag in ("stf", "importance_sampling", "likelihood_weighting", "mixed"):
-            if training.get(flag, False):
+            if training[flag]:
                 raise ValueError(
                     f"training.{flag}=True is defined for Gaussian SDEs only; it cannot be used with "
                     "training.corruption='blur'."
                 )
-    if training.get("stf", False) and int(training.get("stf_ref_batch_size", 0)) < 1:
+    if training.stf and int(training.stf_ref_batch_size) < 1:
         raise ValueError("training.stf_ref_batch_size must be >= 1.")
     if training.n_iters < 0 or training.snapshot_freq <= 0 or training.snapshot_freq_for_preemption <= 0:
         raise ValueError("training.n_iters must be >= 0 and the snapshot frequencies > 0.")
     dequantization_mode(config)  # raises on an unknown or contradictory data.dequantization
-    if training.get("reconstruction_loss", False) and not training.continuous:
+    if training.reconstruction_loss and not training.continuous:
         raise ValueError(
             "training.reconstruction_loss=True needs continuous-time training (training.continuous=True), as in "
             "the Soft Truncation repository (its discrete SMLD / DDPM losses have no reconstruction term)."
+        )
+    if model.name == "ncsnpp" and model.embedding_type == "fourier" and not training.continuous:
+        raise ValueError(
+            "model.embedding_type='fourier' needs config.training.continuous=True (a Fourier embedding of the "
+            "noise level); use 'positional' for discrete training."
         )
     eval_plan(config)  # raises on contradictory eval fields
 
@@ -103,10 +110,10 @@ DEQUANTIZATIONS = ("none", "uniform", "lossless")
 def dequantization_mode(config) -> str:
     """'none' | 'uniform' | 'lossless': the Soft Truncation field data.dequantization, with score_sde's
     data.uniform_dequantization = True meaning 'uniform'."""
-    mode = str(config.data.get("dequantization", "none"))
+    mode = str(complete_config(config).data.dequantization)
     if mode not in DEQUANTIZATIONS:
         raise ValueError(f"data.dequantization={mode!r} is not one of {DEQUANTIZATIONS}.")
-    if bool(config.data.get("uniform_dequantization", False)):
+    if bool(complete_config(config).data.uniform_dequantization):
         if mode == "lossless":
             raise ValueError(
                 "data.uniform_dequantization=True contradicts data.dequantization='lossless' (the discrete "
@@ -118,7 +125,7 @@ def dequantization_mode(config) -> str:
 
 def _loader_config(config):
     """The config handed to datasets.py: with 'lossless' the 8-bit data are read as they are (no noise)."""
-    if config.data.get("dequantization", "none") != "lossless":
+    if config.data.dequantization != "lossless":
         return config
     plain = copy.deepcopy(config)
     with plain.unlocked():
@@ -151,8 +158,7 @@ def _nll_passes(ev) -> int:
     """Bits/dim passes: eval.nll_iter (Soft Truncation's name) or eval.bpd_num_repeats (this project's older
     name). When a config holds both and they differ, the one not at score_sde's 5 was set on purpose and wins;
     two different non-default values are a contradiction."""
-    nll_iter = ev.get("nll_iter", None)
-    repeats = ev.get("bpd_num_repeats", None)
+    nll_iter, repeats = ev.nll_iter, ev.bpd_num_repeats
     if nll_iter is None or repeats is None or int(nll_iter) == int(repeats):
         return int(nll_iter if nll_iter is not None else (repeats if repeats is not None else SCORE_SDE_BPD_PASSES))
     if int(repeats) == SCORE_SDE_BPD_PASSES:
@@ -167,28 +173,29 @@ def _nll_passes(ev) -> int:
 
 def eval_plan(config) -> EvalPlan:
     """The EvalPlan of a config; contradictory fields raise ValueError."""
+    config = complete_config(config)
     ev = config.eval
-    enable_bpd = bool(ev.get("enable_bpd", False))
+    enable_bpd = bool(ev.enable_bpd)
     nll_iter = _nll_passes(ev)
-    nelbo_iter = int(ev.get("nelbo_iter", 0))
+    nelbo_iter = int(ev.nelbo_iter)
     if nll_iter < 0 or nelbo_iter < 0:
         raise ValueError(f"eval.nll_iter={nll_iter} and eval.nelbo_iter={nelbo_iter} must be >= 0.")
-    enable_nelbo = bool(ev.get("enable_nelbo", False))
+    enable_nelbo = bool(ev.enable_nelbo)
     nelbo_passes = nelbo_iter if nelbo_iter > 0 else (nll_iter if enable_nelbo else 0)
     if not (enable_nelbo or enable_bpd):
         nelbo_passes = 0
-    num_test_data = int(ev.get("num_test_data", 0) or 0)
+    num_test_data = int(ev.num_test_data or 0)
     if num_test_data < 0:
         raise ValueError(f"eval.num_test_data={num_test_data} must be >= 0 (0: the whole split).")
-    lambda_ = float(ev.get("lambda_", 0.0))
-    probability_flow = bool(ev.get("probability_flow", lambda_ == 0.0))
+    lambda_ = float(ev.lambda_)
+    probability_flow = lambda_ == 0.0 if ev.probability_flow is None else bool(ev.probability_flow)
     if probability_flow != (lambda_ == 0.0):
         raise ValueError(
             f"eval.probability_flow={probability_flow} and eval.lambda_={lambda_} disagree: the likelihood's reverse "
             "process is the probability-flow ODE exactly when lambda_ = 0 (the Soft Truncation repository asserts "
             "probability_flow == (lambda_ == 0)). Set both."
         )
-    truncation = "exact" if bool(ev.get("residual", True)) else "plain"
+    truncation = "exact" if bool(ev.residual) else "plain"
     decoder = "lossless" if dequantization_mode(config) == "lossless" else "gaussian"
     if decoder == "lossless" and truncation == "plain" and (enable_bpd or enable_nelbo):
         raise ValueError(
@@ -196,27 +203,27 @@ def eval_plan(config) -> EvalPlan:
             "truncation treatment: set eval.residual=True (or another data.dequantization)."
         )
     return EvalPlan(
-        enable_loss=bool(ev.get("enable_loss", True)),
+        enable_loss=bool(ev.enable_loss),
         nll_passes=nll_iter if enable_bpd else 0,
         nelbo_passes=nelbo_passes,
         num_test_data=num_test_data,
-        max_bpd_batches=int(ev.get("max_bpd_batches", 0)),
+        max_bpd_batches=int(ev.max_bpd_batches),
         truncation=truncation,
         decoder=decoder,
         lambda_=lambda_,
-        enable_sampling=bool(ev.get("enable_sampling", False)),
-        sample_more=bool(config.sampling.get("sample_more", True)),
-        enable_fid=bool(ev.get("enable_fid", True)),
+        enable_sampling=bool(ev.enable_sampling),
+        sample_more=bool(config.sampling.sample_more),
+        enable_fid=bool(ev.enable_fid),
     )
 
 
 def get_corruption(config):
     """The forward corruption: the SDE (with its sampling eps), or the blur of Soft Diffusion."""
-    if config.training.get("corruption", "gaussian") == "blur":
+    if config.training.corruption == "blur":
         import corruption
 
         obj = corruption.get_corruption(config)
-        return obj, float(config.training.get("truncation_time", 1e-3))
+        return obj, float(config.training.truncation_time)
     return sde_lib.get_sde(config)
 
 
@@ -268,11 +275,14 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> tuple:
 
 
 class TrainStream:
-    """Deterministic, resumable training batches (float32 [B, C, H, W] in [0, 1]).
+    """The training data pipeline: deterministic, resumable batches, ready for the objective.
 
     Images are fetched as uint8 (by config.data.num_workers worker processes when > 0) in the order of
     PositionBatchSampler; the random flip of batch p is drawn from a generator seeded by (seed, p). With
-    world_size > 1 the stream yields rank `rank`'s slice of each global batch (flips included).
+    world_size > 1 the stream yields rank `rank`'s slice of each global batch (flips included). Each batch is
+    moved to `device`, converted to float (with score_sde's uniform dequantization (k + u) / 256 when
+    `dequantize`, u drawn on the device from the global generator) and passed through `scaler`; without a device
+    the stream yields float32 [B, C, H, W] in [0, 1] on the CPU. channels_last: batches in that memory format.
     """
 
     def __init__(
@@ -285,9 +295,15 @@ class TrainStream:
         num_workers=0,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | None = None,
+        dequantize: bool = False,
+        scaler: Callable | None = None,
+        channels_last: bool = False,
     ):
         self.seed, self.random_flip, self.position = int(seed), random_flip, int(position)
+        self.channels_last = channels_last
         self.batch_size = int(batch_size)
+        self.device, self.dequantize, self.scaler = device, dequantize, scaler
         sampler = PositionBatchSampler(len(dataset), batch_size, seed, start=position, rank=rank, world_size=world_size)
         self.lo, self.hi = sampler.lo, sampler.hi
         loader = torch.utils.data.DataLoader(
@@ -311,7 +327,11 @@ class TrainStream:
             # the flips of the whole global batch, this rank's slice of them
             images = datasets.flip_where(images, datasets.flip_mask(self.batch_size, gen)[self.lo : self.hi])
         self.position += 1
-        return datasets.to_float(images)
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+        batch = datasets.to_float(images, dequantize=self.dequantize)
+        batch = batch if self.scaler is None else self.scaler(batch)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
 
 def _first_two(batch):
@@ -331,8 +351,20 @@ def _setup_logging(workdir: str) -> None:
 
 
 def build_state(config, device: torch.device) -> dict:
-    """Model, EMA and optimizer of score_sde's training state."""
-    score_model = mutils.create_model(config)
+    """Model, EMA and optimizer of score_sde's training state; the speed options of config.training (TF32,
+    channels_last, activation checkpointing, torch.compile) applied to the network."""
+    config = complete_config(config)
+    if config.training.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    training = config.training
+    score_model = mutils.apply_speed_options(
+        mutils.create_model(config),
+        channels_last=bool(training.channels_last),
+        grad_checkpoint=bool(training.grad_checkpoint),
+        compile=bool(training.compile),
+        compile_mode=training.compile_mode,
+    )
     ema = ExponentialMovingAverage(score_model.parameters(), decay=config.model.ema_rate)
     optimizer = losses.get_optimizer(config, score_model.parameters())
     return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
@@ -373,35 +405,16 @@ def snapshot_samples(config, state: dict, sde, sampling_eps: float, folder: str)
     _save_grid(sample, folder)
 
 
-def _reference_batch(
-    ref_sampler, batch: torch.Tensor, scaler, seed: int | None = None, gather: bool = True
-) -> torch.Tensor | None:
-    """STF reference batch: the step's own sources first, then extra training images (scaled like the batch).
-
-    With `seed` (the training step's position and the rank) the extra draws depend only on it, so a resumed run
-    draws the same references. With training.stf_gather (and gather=True) the references of all data-parallel
-    ranks are concatenated in rank order.
-    """
-    if ref_sampler is None:
-        return None
-    if seed is not None:
-        ref_sampler.generator.manual_seed(seed)
-    extra = ref_sampler.sample(batch.shape[0])
-    reference = batch if extra.shape[0] == 0 else torch.cat([batch, scaler(extra.to(batch.device))], dim=0)
-    if gather and getattr(ref_sampler, "gather", False):
-        import stf
-
-        reference = stf.gather_reference_batch(reference)
-    return reference
-
-
 def train(config, workdir: str) -> dict:
     """Train a score model; resumes automatically from WORKDIR/checkpoints-meta/checkpoint.pth.
 
-    Under torchrun (several processes) each rank trains on its slice of the global batch with
-    DistributedDataParallel; rank 0 alone writes logs, checkpoints and samples. Returns the final training state
-    (model, ema, optimizer, step).
+    A generic loop: the objective (losses.Objective: time sampling x weighting x target, with the corruption)
+    prepares itself from the data (setup) and gives the step function; the loop feeds it batches of the training
+    stream, skips non-finite steps (NonFiniteGuard), and writes logs, checkpoints and samples. Under torchrun
+    each rank trains on its slice of the global batch with DistributedDataParallel; rank 0 alone writes. Returns
+    the final training state (model, ema, optimizer, step).
     """
+    config = complete_config(config)
     validate_config(config)
     device = distributed.init_from_env(get_device(config))
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -431,12 +444,8 @@ def train(config, workdir: str) -> dict:
 
     sde, sampling_eps = get_corruption(config)
     train_set = datasets.get_train_dataset(_loader_config(config))
-    if config.training.get("corruption", "gaussian") == "blur":
-        if "corruption" in state:
-            sde.load_state_dict(state["corruption"])
-        else:
-            sde.fit_prior(_prior_fit_images(config, train_set))
-        state["corruption"] = sde.state_dict()
+    objective = losses.get_objective(config, sde)
+    objective.setup(train_set, state)
     scaler = datasets.get_data_scaler(config)
     position = int(rng["data_position"]) if rng is not None and "data_position" in rng else initial_step
     stream = TrainStream(
@@ -445,26 +454,21 @@ def train(config, workdir: str) -> dict:
         config.seed,
         bool(config.data.random_flip),
         position=position,
-        num_workers=int(config.data.get("num_workers", 0)),
+        num_workers=int(config.data.num_workers),
         rank=rank,
         world_size=world_size,
+        device=device,
+        dequantize=dequantization_mode(config) == "uniform",
+        scaler=scaler,
+        channels_last=bool(config.training.channels_last),
     )
     dequantize = dequantization_mode(config) == "uniform"
     _, eval_ds, _ = datasets.get_dataset(_loader_config(config), uniform_dequantization=dequantize, evaluation=False)
     eval_iter = _repeat(eval_ds)
 
-    ref_sampler = None
-    if config.training.get("stf", False):
-        import stf
-
-        ref_sampler = stf.ReferenceBatchSampler(
-            train_set, int(config.training.stf_ref_batch_size), random_flip=bool(config.data.random_flip)
-        )
-        ref_sampler.gather = bool(config.training.get("stf_gather", False))
-
     optimize_fn = losses.optimization_manager(config)
-    train_step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize_fn)
-    eval_step_fn = losses.get_step_fn_from_config(config, sde, train=False, optimize_fn=optimize_fn)
+    train_step_fn = objective.step_fn(train=True, optimize_fn=optimize_fn)
+    eval_step_fn = objective.step_fn(train=False, optimize_fn=optimize_fn)
 
     network = state["model"]
     if world_size > 1:
@@ -477,9 +481,7 @@ def train(config, workdir: str) -> dict:
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     training = config.training
     num_train_steps = int(training.n_iters)
-    max_nonfinite = int(training.get("max_nonfinite_steps", 10))
-    nonfinite_run = 0
-    sample_every_step = bool(training.get("whatever_sampling", False))  # the ST repository's debug switch
+    guard = NonFiniteGuard(int(training.max_nonfinite_steps), checkpoint_meta_dir)
     if is_main:
         logging.info("Config:\n%s", config)
         processes = f" ({world_size} data-parallel processes)" if world_size > 1 else ""
@@ -487,29 +489,10 @@ def train(config, workdir: str) -> dict:
     progress = tqdm(total=num_train_steps, initial=initial_step, desc="train", dynamic_ncols=True, disable=not is_main)
     start_time = time.time()
     while state["step"] < num_train_steps:
-        batch = next(stream).to(device, non_blocking=True)
-        if dequantize:
-            batch = (batch * 255.0 + torch.rand_like(batch)) / 256.0
-        batch = scaler(batch)
-        ref_seed = (config.seed * 1000033 + stream.position) * world_size + rank
-        reference = _reference_batch(ref_sampler, batch, scaler, seed=ref_seed)
-        loss = train_step_fn(state, batch, reference=reference)
-        if state["nonfinite"]:
-            nonfinite_run += 1
-            logging.warning(
-                "Non-finite loss or gradient at step %d (%d in a row): step skipped.",
-                state["step"],
-                nonfinite_run,
-            )
-            if nonfinite_run >= max_nonfinite:
-                raise RuntimeError(
-                    f"{nonfinite_run} consecutive optimisation steps gave a NaN/Inf loss or gradient (step "
-                    f"{state['step']}). Training stopped; the last good checkpoint is in {checkpoint_meta_dir}. "
-                    "Lower optim.lr, keep optim.grad_clip >= 0, check the data, or raise "
-                    "training.max_nonfinite_steps."
-                )
+        batch = next(stream)
+        loss = train_step_fn(state, batch, reference=objective.reference(batch, stream.position))
+        if guard.skipped(state):
             continue
-        nonfinite_run = 0
         step = int(state["step"])
         progress.update(1)
         if is_main and (step % training.log_freq == 0 or step == num_train_steps):
@@ -529,7 +512,7 @@ def train(config, workdir: str) -> dict:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 eval_batch = scaler(next(eval_iter)["image"].to(device))
-                eval_reference = _reference_batch(ref_sampler, eval_batch, scaler, gather=False)
+                eval_reference = objective.reference(eval_batch, gather=False)
                 eval_loss = float(eval_step_fn(_without_ddp(state, network), eval_batch, reference=eval_reference))
             logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
@@ -537,7 +520,7 @@ def train(config, workdir: str) -> dict:
         if is_main and snapshot:
             save_step = step // training.snapshot_freq  # score_sde's numbering
             save_checkpoint(os.path.join(checkpoint_dir, f"checkpoint_{save_step}.pth"), state)
-        if is_main and training.snapshot_sampling and (snapshot or sample_every_step):
+        if is_main and training.snapshot_sampling and (snapshot or training.whatever_sampling):
             folder = os.path.join(sample_dir, f"iter_{step}")
             snapshot_samples(config, _without_ddp(state, network), sde, sampling_eps, folder)
     progress.close()
@@ -547,6 +530,37 @@ def train(config, workdir: str) -> dict:
     distributed.barrier()
     logging.info("Training finished at step %d (%.1f s).", state["step"], time.time() - start_time)
     return state
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (NaN / Inf) optimisation steps and stops the run after too many of them."""
+
+    def __init__(self, max_steps: int, checkpoint_path: str):
+        self.max_steps, self.checkpoint_path, self.run = max_steps, checkpoint_path, 0
+
+    def skipped(self, state: dict) -> bool:
+        """True when the step function skipped this step (state['nonfinite']; or an fp16 gradient overflow,
+        state['amp_skipped'], which is logged and counted but never stops the run); raises after max_steps
+        non-finite steps in a row."""
+        if state.get("amp_skipped"):
+            logging.info(
+                "fp16 gradient overflow at step %d: step skipped, loss scale lowered (%d skipped so far).",
+                state["step"],
+                state["amp_skipped_steps"],
+            )
+            return True
+        if not state["nonfinite"]:
+            self.run = 0
+            return False
+        self.run += 1
+        logging.warning("Non-finite loss or gradient at step %d (%d in a row): step skipped.", state["step"], self.run)
+        if self.run >= self.max_steps:
+            raise RuntimeError(
+                f"{self.run} consecutive optimisation steps gave a NaN/Inf loss or gradient (step "
+                f"{state['step']}). Training stopped; the last good checkpoint is in {self.checkpoint_path}. "
+                "Lower optim.lr, keep optim.grad_clip >= 0, check the data, or raise training.max_nonfinite_steps."
+            )
+        return True
 
 
 def _without_ddp(state: dict, network: torch.nn.Module) -> dict:
@@ -576,14 +590,6 @@ def _set_rank_rng(rng: dict | None, seed: int, step: int, rank: int, world_size:
         torch.manual_seed(seed * 1000003 + step * 1009 + rank)
         np.random.seed((seed * 7919 + step * 31 + rank) % 2**32)
         random.seed(seed * 104729 + step * 13 + rank)
-
-
-def _prior_fit_images(config, train_set) -> torch.Tensor:
-    """Scaled training images for fitting the blur corruption's distribution at t = 1."""
-    n = min(len(train_set), int(config.blur.get("prior_fit_images", 2048)))
-    gen = torch.Generator().manual_seed(config.seed)
-    idx = torch.randperm(len(train_set), generator=gen)[:n]
-    return datasets.get_data_scaler(config)(train_set.get_batch(idx, augment=False))
 
 
 def _repeat(loader) -> Iterator:
@@ -640,66 +646,108 @@ def _restore_for_eval(config, workdir: str, ckpt: int, state: dict, sde) -> str:
     return ckpt_path
 
 
-def _progress(total: int | None, desc: str, initial: int = 0, unit: str = "batch") -> tqdm:
-    """A tqdm bar on stderr (the evaluation's progress: batches, sampling rounds, Inception batches)."""
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+def _progress(total: int | None, desc: str, initial: int = 0, unit: str = "batch", disable: bool = False) -> tqdm:
+    """A tqdm bar on stderr (the evaluation's progress: batches, sampling rounds, Inception batches); under
+    torchrun rank 0 alone shows its bars (disable=True on the other ranks)."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True, disable=disable)
 
 
-def _chunked_metric(folder: str, name: str, batches, compute, bar: tqdm | None = None) -> np.ndarray:
-    """Per-batch values of a metric, each batch's result saved atomically (a killed evaluation resumes).
+def _join_processes(config) -> torch.device:
+    """Join torchrun's process group (a no-op in one process); config.device becomes this rank's device."""
+    device = distributed.init_from_env(get_device(config))
+    if device != get_device(config):
+        with config.unlocked():
+            config.device = device
+    return device
 
-    compute(batch) returns the values, or (values, postfix dict) to show on the progress bar.
+
+def _agreed(reason: str | None, what: str) -> None:
+    """Raise unless every rank found `what` available (reason None) or every rank did not: the ranks must take the
+    same path through the evaluation."""
+    available = distributed.gather_objects(reason is None)
+    if len(set(available)) > 1:
+        ranks = [r for r, ok in enumerate(available) if ok]
+        raise RuntimeError(
+            f"{what} is available on ranks {ranks} only ({reason or 'here it is'}): every node of a multi-node "
+            "evaluation needs the same files (data, Inception weights, statistics)."
+        )
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 32-bit seed depending on the integers `parts` only (NumPy SeedSequence(parts)): a piece of the evaluation
+    seeded with it draws the same numbers on any rank, whatever ran before it on that process."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1)[0])
+
+
+def _load_npy(path: str) -> np.ndarray | None:
+    """The array saved at path, or None when it is missing or unreadable (then it is computed again)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return np.load(path)
+    except (ValueError, OSError, EOFError):
+        logging.warning("Unreadable %s: computing it again.", path)
+        return None
+
+
+def _distributed_metric(folder: str, name: str, jobs: list, compute: Callable, desc: str) -> np.ndarray | None:
+    """Per-batch values of a metric, the batches (jobs) shared round-robin by the ranks: all values in job order
+    on rank 0, None on the other ranks.
+
+    Job k's values are saved atomically as FOLDER/NAME_k.npy by the rank that computed it; jobs whose file is on
+    disk are not computed again, so a killed evaluation resumes with any number of processes. compute(job)
+    returns the values, or (values, postfix dict) to show on the progress bar.
     """
     os.makedirs(folder, exist_ok=True)
-    values = []
-    for i, batch in enumerate(batches):
-        path = os.path.join(folder, f"{name}_{i}.npy")
-        value = None
-        if os.path.exists(path):
-            try:
-                value = np.load(path)
-            except ValueError:
-                logging.warning("Unreadable %s: computing it again.", path)
-        postfix = {}
-        if value is None:
-            out = compute(batch)
+    paths = [os.path.join(folder, f"{name}_{k}.npy") for k in range(len(jobs))]
+    is_main = distributed.is_main_process()
+    done = {k: v for k, path in enumerate(paths) if (v := _load_npy(path)) is not None} if is_main else {}
+    pending = distributed.broadcast_object([k for k in range(len(jobs)) if k not in done] if is_main else None)
+    mine = {}
+    initial = len(jobs) - len(pending) if distributed.get_world_size() == 1 else 0
+    share = distributed.share(pending)
+    with _progress(initial + len(share), desc, initial, disable=not is_main) as bar:
+        for k in share:
+            out = compute(jobs[k])
+            postfix = {}
             if isinstance(out, tuple):
                 out, postfix = out
             value = np.asarray(out, dtype=np.float64).reshape(-1)
-            tmp = path + ".tmp.npy"
+            tmp = paths[k] + ".tmp.npy"
             np.save(tmp, value)
-            os.replace(tmp, path)
-        values.append(value)
-        if bar is not None:
+            os.replace(tmp, paths[k])
+            mine[k] = value
             bar.update(1)
-            bar.set_postfix({name: f"{np.concatenate(values).mean():.4g}", **postfix})
-    return np.concatenate(values) if values else np.zeros(0)
+            bar.set_postfix({name: f"{np.concatenate([*done.values(), *mine.values()]).mean():.4g}", **postfix})
+    gathered = distributed.gather_objects(mine)
+    if not is_main:
+        return None
+    for part in gathered:
+        done.update(part)
+    return np.concatenate([done[k] for k in range(len(jobs))]) if jobs else np.zeros(0)
 
 
-def _bpd_batches(loader, config, repeats: int, max_batches: int, num_images: int):
-    """(repeat, batch) image batches of the bits/dim split: per pass at most max_batches batches (0: all) and
-    num_images images (0: all; the last batch trimmed), dequantized afresh by the loader each pass."""
-    for repeat in range(repeats):
-        torch.manual_seed(config.seed + 7 * repeat)
-        seen = 0
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            images = batch["image"]
-            if num_images:
-                images = images[: num_images - seen]
-                if len(images) == 0:
-                    break
-            seen += len(images)
-            yield images
+def _bpd_jobs(num_data: int, batch_size: int, passes: int, max_batches: int, num_images: int) -> list[tuple]:
+    """(pass p, batch i, start, stop) of every bits/dim batch, pass after pass: per pass the images [0, n) of the
+    split in batches of batch_size, n = min(len(split), num_images) (num_images 0: all), at most max_batches
+    batches (0: no limit). The k-th job is saved as bpd_k.npy / nelbo_k.npy."""
+    n = min(num_data, num_images) if num_images else num_data
+    starts = list(range(0, n, batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    return [(p, i, s, min(s + batch_size, n)) for p in range(passes) for i, s in enumerate(starts)]
 
 
-def _bpd_batch_count(loader, max_batches: int, num_images: int, batch_size: int) -> int:
-    """Number of batches one bits/dim pass yields (for the progress bar)."""
-    n = len(loader)
-    if num_images:
-        n = min(n, -(-num_images // batch_size))
-    return min(n, max_batches) if max_batches else n
+def _bpd_batch(dataset, job: tuple, seed: int, scaler: Callable, device: torch.device) -> torch.Tensor:
+    """The scaled images of a bits/dim job (p, i, start, stop) on `device`: images [start, stop) of the split,
+    dequantized (when the split is) with noise of the seed (seed, p, i, 0); the global torch generators are then
+    seeded with (seed, p, i, 1) for the estimator's own draws (Hutchinson probes, times). So a batch gives the same
+    values on any rank and in any order, and pass p of bits/dim and of the NELBO sees the same dequantized data."""
+    p, i, start, stop = job
+    generator = torch.Generator().manual_seed(_derived_seed(seed, p, i, 0))
+    images = dataset.get_batch(np.arange(start, stop), augment=True, generator=generator)
+    torch.manual_seed(_derived_seed(seed, p, i, 1))
+    return scaler(images.to(device))
 
 
 class _Data:
@@ -745,14 +793,68 @@ class _CountingModule(torch.nn.Module):
         return out
 
 
-def _pending_feature_images(sample_dir: str, evaluation) -> int:
-    """Samples whose Inception features (statistics_r.npz) are not on disk yet (the feature bar's total)."""
+INCEPTION_BATCH_SIZE = 64  # the batch of evaluation.metrics_from_sample_dir: the features cached here are its own
+
+
+def _readable_npz(path: str, key: str) -> bool:
+    """True if path is a readable npz holding a non-empty `key` (a partial or corrupt file counts as missing)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return key in data.files and data[key].shape[0] > 0
+    except Exception:
+        return False
+
+
+def _atomic_npz(path: str, **arrays) -> None:
+    """np.savez_compressed to a temporary file, then renamed onto path (a reader never sees a partial file)."""
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _await_files(paths: list, timeout_s: float = 120.0) -> None:
+    """Wait until this process sees every file of `paths` (written by other ranks; a shared file system may show
+    them late); raise when they stay invisible."""
+    deadline = time.time() + timeout_s
+    while missing := [p for p in paths if not os.path.exists(p)]:
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"{len(missing)} files written by other ranks are not visible on rank 0 (e.g. {missing[0]}): the "
+                "work directory of a multi-node evaluation must be on a file system shared by all nodes."
+            )
+        time.sleep(1.0)
+
+
+def _statistics_path(sample_path: str) -> str:
+    """statistics_{r}.npz next to samples_{r}.npz (the name evaluation.compute_features_for_sample_dir reads)."""
+    return sample_path.replace("samples_", "statistics_")
+
+
+def _write_features(sample_dir: str, net: torch.nn.Module, desc: str) -> None:
+    """Inception features statistics_{r}.npz ('pool_3', 'logits') of every samples_{r}.npz of sample_dir lacking
+    them, the files shared round-robin by the ranks; on return all ranks are done and rank 0 sees every file (so
+    evaluation.metrics_from_sample_dir only reads them)."""
+    import evaluation
+
+    is_main = distributed.is_main_process()
+    if is_main:
+        files = evaluation.list_sample_files(sample_dir)
+        pending = [p for p in files if not _readable_npz(_statistics_path(p), "pool_3")]
+    pending = distributed.broadcast_object(pending if is_main else None)
+    share = distributed.share(pending)
     total = 0
-    for path in evaluation.list_sample_files(sample_dir):
-        if not os.path.exists(path.replace("samples_", "statistics_")):
+    for path in share:
+        with np.load(path, allow_pickle=False) as data:
+            total += len(data["samples"])
+    with _progress(total, desc, unit="img", disable=not is_main) as bar:
+        counting = _CountingModule(net, bar)
+        for path in share:
             with np.load(path, allow_pickle=False) as data:
-                total += len(data["samples"])
-    return total
+                samples = data["samples"]
+            _atomic_npz(_statistics_path(path), **evaluation.run_inception(samples, counting, INCEPTION_BATCH_SIZE))
+    distributed.barrier()
+    if is_main:
+        _await_files([_statistics_path(p) for p in pending])
 
 
 class _Inception:
@@ -767,9 +869,9 @@ class _Inception:
 
             try:
                 self.net = evaluation.get_inception_model(
-                    weights_path=self.config.eval.get("inception_path", "") or None,
+                    weights_path=self.config.eval.inception_path or None,
                     device=get_device(self.config),
-                    download=self.config.data.get("download", None),
+                    download=self.config.data.download,
                 )
             except FileNotFoundError as err:
                 self.reason = f"no Inception weights ({err})"
@@ -795,26 +897,92 @@ def _reference_stats(config, evaluation, data: _Data, inception: _Inception):
         return evaluation.compute_reference_stats(train_ds, _CountingModule(net, bar), out_path=candidates[0])
 
 
-def _sampling_with_progress(sampling_fn: Callable, bar: tqdm, on_batch: Callable | None = None) -> Callable:
-    """sampling_fn that advances the sampling-rounds bar (network evaluations of the batch as postfix)."""
+def _sample_one_round(
+    sampling_fn: Callable, model, sample_dir: str, r: int, keep: int, batch: int, seed: int, grid_path, after
+) -> None:
+    """Sampling round r: evaluation.write_samples_in_batches on one batch of `keep` images under
+    torch.manual_seed(seed + r), written in a temporary folder whose files then move into sample_dir (a grid to
+    grid_path when given; samples_{r}.npz last: it marks the round done). after(x, nfe, folder) sees the batch and
+    may write files of the round into `folder` (they land next to samples_{r}.npz)."""
+    import shutil
 
-    def sampling(model):
-        x, nfe = sampling_fn(model)
-        if on_batch is not None:
-            on_batch(x, nfe)
-        bar.update(1)
-        bar.set_postfix(nfe=nfe)
+    import evaluation
+
+    tmp = os.path.join(sample_dir, f".round_{r}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+
+    def sampling(net):
+        x, nfe = sampling_fn(net)
+        after(x, nfe, tmp)
         return x, nfe
 
-    return sampling
+    try:
+        tmp_grid = os.path.join(tmp, "grid.png") if grid_path else None
+        evaluation.write_samples_in_batches(sampling, model, tmp, keep, batch, seed=seed + r, grid_path=tmp_grid)
+        if tmp_grid and os.path.exists(tmp_grid):
+            os.replace(tmp_grid, grid_path)
+        for name in sorted(os.listdir(tmp)):
+            if name != "samples_0.npz":
+                os.replace(os.path.join(tmp, name), os.path.join(sample_dir, name))
+        os.replace(os.path.join(tmp, "samples_0.npz"), os.path.join(sample_dir, f"samples_{r}.npz"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _done_rounds(sample_dir: str, rounds: int, evaluation) -> int:
-    """Sampling rounds r < rounds whose samples_r.npz is already on disk (the bar's starting point)."""
-    if not os.path.isdir(sample_dir):
-        return 0
-    names = {os.path.basename(p) for p in evaluation.list_sample_files(sample_dir)}
-    return sum(f"samples_{r}.npz" in names for r in range(rounds))
+def _sample_rounds(
+    sampling_fn: Callable,
+    model,
+    sample_dir: str,
+    num_samples: int,
+    batch: int,
+    seed: int,
+    desc: str,
+    grid_path: str | None = None,
+    on_round: Callable | None = None,
+) -> list[int]:
+    """Write samples_{r}.npz (uint8 NHWC) for every round r < ceil(num_samples / batch) not on disk yet, the
+    rounds shared round-robin by the ranks; returns the rounds this rank computed.
+
+    Round r runs under torch.manual_seed(seed + r) (evaluation.write_samples_in_batches' seeding), so the files are
+    those of one uninterrupted process whatever the number of processes and the rounds already on disk.
+    grid_path: a PNG grid of the first round computed (when the grid is missing). on_round(x, nfe, r, folder): called
+    with the batch of round r; files it writes into `folder` land next to samples_{r}.npz. On return every rank has
+    finished and rank 0 sees all the files.
+    """
+    import evaluation
+
+    rounds = evaluation.num_sampling_rounds(num_samples, batch)
+    os.makedirs(sample_dir, exist_ok=True)
+    is_main = distributed.is_main_process()
+    paths = [os.path.join(sample_dir, f"samples_{r}.npz") for r in range(rounds)]
+    plan = None
+    if is_main:
+        pending = [r for r in range(rounds) if not _readable_npz(paths[r], "samples")]
+        for r in pending:
+            if os.path.exists(paths[r]):
+                logging.warning("Sample file %s is unreadable; sampling round %d again.", paths[r], r)
+        grid_round = pending[0] if pending and grid_path and not os.path.exists(grid_path) else None
+        plan = (pending, grid_round)
+    pending, grid_round = distributed.broadcast_object(plan)
+    share = distributed.share(pending)
+    initial = rounds - len(pending) if distributed.get_world_size() == 1 else 0
+    with _progress(initial + len(share), desc, initial, disable=not is_main) as bar:
+        for r in share:
+
+            def after(x, nfe, folder, r=r):
+                if on_round is not None:
+                    on_round(x, nfe, r, folder)
+                bar.update(1)
+                bar.set_postfix(nfe=nfe)
+
+            keep = min(batch, num_samples - r * batch)
+            grid = grid_path if r == grid_round else None
+            _sample_one_round(sampling_fn, model, sample_dir, r, keep, batch, seed, grid, after)
+            logging.info("Wrote %s (%d samples).", paths[r], keep)
+    distributed.barrier()
+    if is_main:
+        _await_files([paths[r] for r in pending])
+    return share
 
 
 def _summary(ckpt: int, results: dict, skipped: dict) -> str:
@@ -837,28 +1005,38 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
     WORKDIR/EVAL_FOLDER/ckpt_N/results.json (and tensorboard); every finished piece (a bits/dim batch, a sample
     batch, its Inception features) is on disk before the next starts, so a killed evaluation resumes without
     redoing finished work. Each long piece shows a tqdm bar; one summary line per checkpoint is logged.
+
+    Randomness: sampling round r of checkpoint c runs under torch.manual_seed(config.seed + 1000003 c + r); bits/dim
+    and NELBO batch i of pass p draw from seeds derived from (config.seed, p, i) (_bpd_batch); the eval loss of every
+    checkpoint starts from the generator state right after the model is built. No piece depends on what ran before
+    it, so under torchrun (the sampling rounds, bits/dim batches and Inception features shared by the ranks; rank 0
+    alone computes the eval loss and the metrics and writes results.json, logs and tensorboard) the files and
+    results equal those of one process, and a killed run resumes with any number of processes. Every rank returns
+    rank 0's results.
     """
     import evaluation
     import likelihood
 
     validate_config(config)
     plan = eval_plan(config)
+    device = _join_processes(config)
+    is_main = distributed.is_main_process()
     eval_dir = os.path.join(workdir, eval_folder)
-    _setup_logging(eval_dir)
+    if is_main:
+        _setup_logging(eval_dir)
     ev = config.eval
-    device = get_device(config)
     torch.manual_seed(config.seed)
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    eps = float(config.training.get("truncation_time", 1e-5))
+    eps = float(config.training.truncation_time)
     begin, end = int(ev.begin_ckpt), int(ev.end_ckpt)
     present = [c for c in range(begin, end + 1) if os.path.exists(_checkpoint_path(workdir, c))]
     if not present:
         _restore_for_eval(config, workdir, begin, state, sde)  # raises FileNotFoundError naming the file
     missing = sorted(set(range(begin, end + 1)) - set(present))
-    if missing:
+    if missing and is_main:
         logging.info(
             "Checkpoints %s of eval.begin_ckpt..eval.end_ckpt = %d..%d are not in %s: evaluating %s.",
             missing,
@@ -868,12 +1046,13 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
             present,
         )
     data, inception = _Data(config), _Inception(config)
-    bpd_split = ev.get("bpd_dataset", "test")
+    bpd_split = ev.bpd_dataset
     if bpd_split not in ("train", "test"):
         raise ValueError(f"eval.bpd_dataset={bpd_split!r} must be 'train' or 'test'.")
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(eval_dir, "tensorboard")) if is_main else None
+    loss_rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     all_results = {}
     for ckpt in present:
         ckpt_path = _restore_for_eval(config, workdir, ckpt, state, sde)
@@ -881,67 +1060,74 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
         folder = os.path.join(eval_dir, f"ckpt_{ckpt}")
         os.makedirs(folder, exist_ok=True)
         results_path = os.path.join(folder, "results.json")
-        results = _load_json(results_path)
+        results = distributed.broadcast_object(_load_json(results_path) if is_main else None)
         results.pop("skipped", None)
         results.update(checkpoint=ckpt_path, step=int(state["step"]))
         skipped = {}
-        logging.info("Evaluating %s (step %d).", ckpt_path, state["step"])
+        if is_main:
+            logging.info("Evaluating %s (step %d).", ckpt_path, state["step"])
 
-        if plan.enable_loss and "eval_loss" not in results:
+        if is_main and plan.enable_loss and "eval_loss" not in results:
             eval_ds = data.split("loss", "test")
             if isinstance(eval_ds, str):
                 skipped["eval_loss"] = eval_ds
             else:
                 eval_step = losses.get_step_fn_from_config(config, sde, train=False)
                 values = []
-                with torch.no_grad(), _progress(len(eval_ds), f"eval loss ckpt {ckpt}") as bar:
-                    for b in eval_ds:
-                        values.append(float(eval_step(state, scaler(b["image"].to(device)))))
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{np.mean(values):.4g}")
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.set_rng_state(loss_rng[0])
+                    if loss_rng[1] is not None:
+                        torch.cuda.set_rng_state(loss_rng[1], device)
+                    with torch.no_grad(), _progress(len(eval_ds), f"eval loss ckpt {ckpt}") as bar:
+                        for b in eval_ds:
+                            values.append(float(eval_step(state, scaler(b["image"].to(device)))))
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{np.mean(values):.4g}")
                 results["eval_loss"] = float(np.mean(values))
 
         nll_needed = plan.nll_passes > 0 and "bpd" not in results
         nelbo_needed = plan.nelbo_passes > 0 and "nelbo_bpd" not in results
-        if ev.get("enable_bpd", False) and plan.nll_passes == 0:
+        if ev.enable_bpd and plan.nll_passes == 0:
             skipped["bpd"] = "eval.nll_iter = 0 (no probability-flow NLL passes requested)"
         loader = data.split("bpd", bpd_split) if (nll_needed or nelbo_needed) else None
+        if nll_needed or nelbo_needed:
+            _agreed(loader if isinstance(loader, str) else None, f"the {bpd_split} split of {config.data.dataset}")
         if isinstance(loader, str):
             for key, needed in (("bpd", nll_needed), ("nelbo_bpd", nelbo_needed)):
                 if needed:
                     skipped[key] = loader
             loader = None
-        per_pass = (
-            _bpd_batch_count(loader, plan.max_bpd_batches, plan.num_test_data, int(ev.batch_size)) if loader else 0
-        )
+        dataset = loader.dataset if loader is not None else None
+
+        def bpd_jobs(passes: int, dataset=dataset) -> list:
+            return _bpd_jobs(len(dataset), int(ev.batch_size), passes, plan.max_bpd_batches, plan.num_test_data)
 
         def bpd_pass_means(values: np.ndarray, passes: int) -> list:
             return [float(m) for m in values.reshape(passes, -1).mean(axis=1)] if values.size % passes == 0 else []
 
-        if nll_needed and loader is not None:
+        if nll_needed and dataset is not None:
             likelihood_fn = likelihood.get_likelihood_fn(
                 sde,
                 inverse_scaler,
-                hutchinson_type=ev.get("hutchinson_type", "Rademacher"),
-                rtol=float(ev.get("bpd_rtol", 1e-5)),
-                atol=float(ev.get("bpd_atol", 1e-5)),
+                hutchinson_type=ev.hutchinson_type,
+                rtol=float(ev.bpd_rtol),
+                atol=float(ev.bpd_atol),
                 eps=eps,
                 truncation=plan.truncation,
                 decoder=plan.decoder,
                 lambda_=plan.lambda_,
             )
 
-            def nll_batch(x, fn=likelihood_fn, net=model):
-                bpd, _, nfe = fn(net, scaler(x.to(device)))
+            def nll_batch(job, fn=likelihood_fn, net=model, dataset=dataset):
+                bpd, _, nfe = fn(net, _bpd_batch(dataset, job, config.seed, scaler, device))
                 return bpd.cpu(), {"nfe": nfe}
 
-            batches = _bpd_batches(loader, config, plan.nll_passes, plan.max_bpd_batches, plan.num_test_data)
-            with _progress(plan.nll_passes * per_pass, f"bits/dim ckpt {ckpt}") as bar:
-                bpd = _chunked_metric(folder, "bpd", batches, nll_batch, bar)
-            results["bpd"] = float(bpd.mean())
-            results["bpd_num_images"] = int(bpd.size)
-            results["bpd_pass_means"] = bpd_pass_means(bpd, plan.nll_passes)
-        if nelbo_needed and loader is not None:
+            bpd = _distributed_metric(folder, "bpd", bpd_jobs(plan.nll_passes), nll_batch, f"bits/dim ckpt {ckpt}")
+            if bpd is not None:
+                results["bpd"] = float(bpd.mean())
+                results["bpd_num_images"] = int(bpd.size)
+                results["bpd_pass_means"] = bpd_pass_means(bpd, plan.nll_passes)
+        if nelbo_needed and dataset is not None:
             nelbo_fn = likelihood.get_nelbo_fn(
                 sde,
                 inverse_scaler,
@@ -950,14 +1136,18 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
                 data_std=0.5 if config.data.centered else 0.25,
                 decoder=plan.decoder,
             )
-            batches = _bpd_batches(loader, config, plan.nelbo_passes, plan.max_bpd_batches, plan.num_test_data)
-            with torch.no_grad(), _progress(plan.nelbo_passes * per_pass, f"NELBO ckpt {ckpt}") as bar:
-                nelbo = _chunked_metric(
-                    folder, "nelbo", batches, lambda x, fn=nelbo_fn, net=model: fn(net, scaler(x.to(device))).cpu(), bar
+
+            def nelbo_batch(job, fn=nelbo_fn, net=model, dataset=dataset):
+                return fn(net, _bpd_batch(dataset, job, config.seed, scaler, device)).cpu()
+
+            with torch.no_grad():
+                nelbo = _distributed_metric(
+                    folder, "nelbo", bpd_jobs(plan.nelbo_passes), nelbo_batch, f"NELBO ckpt {ckpt}"
                 )
-            results["nelbo_bpd"] = float(nelbo.mean())
-            results["nelbo_num_images"] = int(nelbo.size)
-            results["nelbo_pass_means"] = bpd_pass_means(nelbo, plan.nelbo_passes)
+            if nelbo is not None:
+                results["nelbo_bpd"] = float(nelbo.mean())
+                results["nelbo_num_images"] = int(nelbo.size)
+                results["nelbo_pass_means"] = bpd_pass_means(nelbo, plan.nelbo_passes)
 
         if plan.enable_sampling:
             sample_dir = os.path.join(folder, "samples")
@@ -965,56 +1155,62 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
             if have_samples and plan.sample_more:
                 results["num_samples"] = int(config.eval.num_samples)
             if have_samples and plan.enable_fid and "fid" not in results:
-                reference = _reference_stats(config, evaluation, data, inception)
-                net = inception.get() if not isinstance(reference, str) else reference
-                if isinstance(reference, str) or isinstance(net, str):
-                    skipped["fid"] = reference if isinstance(reference, str) else net
+                reference = _reference_stats(config, evaluation, data, inception) if is_main else None
+                reason = reference if isinstance(reference, str) else None
+                if reason is None and is_main and isinstance(inception.get(), str):
+                    reason = inception.get()
+                reason = distributed.broadcast_object(reason)
+                if reason is not None:
+                    skipped["fid"] = reason
                 else:
-                    pending = _pending_feature_images(sample_dir, evaluation)
-                    with _progress(pending, f"Inception features ckpt {ckpt}", unit="img") as bar:
+                    net = inception.get()
+                    _agreed(net if isinstance(net, str) else None, "the Inception network")
+                    _write_features(sample_dir, net, f"Inception features ckpt {ckpt}")
+                    if is_main:
                         metrics = evaluation.metrics_from_sample_dir(
-                            sample_dir, reference, inception_model=_CountingModule(net, bar), device=device
+                            sample_dir, reference, inception_model=net, device=device
                         )
-                    results.update({k: v for k, v in metrics.items() if v is not None})
+                        results.update({k: v for k, v in metrics.items() if v is not None})
 
-        if skipped:
-            results["skipped"] = skipped
-            for key, reason in skipped.items():
-                logging.warning("ckpt %d: %s skipped: %s", ckpt, key, reason)
-        _atomic_json(results_path, results)
-        for key, value in results.items():
-            if isinstance(value, float):
-                writer.add_scalar(key, value, int(state["step"]))
-        logging.info("%s", _summary(ckpt, results, skipped))
-        all_results[ckpt] = results
-    writer.close()
+        if is_main:
+            if skipped:
+                results["skipped"] = skipped
+                for key, reason in skipped.items():
+                    logging.warning("ckpt %d: %s skipped: %s", ckpt, key, reason)
+            _atomic_json(results_path, results)
+            for key, value in results.items():
+                if isinstance(value, float):
+                    writer.add_scalar(key, value, int(state["step"]))
+            logging.info("%s", _summary(ckpt, results, skipped))
+        all_results[ckpt] = distributed.broadcast_object(results)
+    if writer is not None:
+        writer.close()
     return all_results
 
 
 def _evaluate_samples(config, plan: EvalPlan, model, sample_dir: str, folder: str, ckpt: int, sde, eps, skipped):
-    """Write eval.num_samples samples (unless sampling.sample_more is False); True if samples are on disk."""
+    """Write eval.num_samples samples (unless sampling.sample_more is False), the sampling rounds shared by the
+    ranks; True (on every rank) if samples are on disk."""
     import evaluation
 
     ev = config.eval
     if not plan.sample_more:
         have = os.path.isdir(sample_dir) and bool(evaluation.list_sample_files(sample_dir))
+        have = distributed.broadcast_object(have)
         if not have:
             skipped["samples"] = f"sampling.sample_more=False and no samples_*.npz in {sample_dir}"
         return have
     batch = int(ev.batch_size)
-    rounds = evaluation.num_sampling_rounds(int(ev.num_samples), batch)
     sampling_fn = get_sampling_fn_from_config(config, sde, eps, batch)
-    with (
-        torch.no_grad(),
-        _progress(rounds, f"sampling ckpt {ckpt}", _done_rounds(sample_dir, rounds, evaluation)) as bar,
-    ):
-        evaluation.write_samples_in_batches(
-            _sampling_with_progress(sampling_fn, bar),
+    with torch.no_grad():
+        _sample_rounds(
+            sampling_fn,
             model,
             sample_dir,
             int(ev.num_samples),
             batch,
             seed=config.seed + 1000003 * ckpt,
+            desc=f"sampling ckpt {ckpt}",
             grid_path=os.path.join(folder, "sample_grid.png"),
         )
     return True
@@ -1041,53 +1237,64 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     """Write eval.num_samples samples of checkpoint eval.sample_ckpt (0: the latest) with config.sampling.method.
 
     Needs no dataset. Output: WORKDIR/EVAL_FOLDER/samples_ckpt_N_METHOD/samples_{r}.npz (uint8 NHWC) and
-    samples_{r}.png (grid) per batch of eval.batch_size; a killed run resumes at the first missing batch. A tqdm
-    bar counts the batches (network evaluations as postfix).
+    samples_{r}.png (grid) per batch of eval.batch_size; round r runs under torch.manual_seed(config.seed + r), so a
+    killed run resumes at the missing batches with the same images. Under torchrun the rounds are shared by the
+    ranks (each writes the files of its rounds; the same files as one process) and rank 0 alone logs. A tqdm bar
+    counts the batches (network evaluations as postfix).
     """
     import evaluation
 
     validate_config(config)
-    device = get_device(config)
+    device = _join_processes(config)
+    is_main = distributed.is_main_process()
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
-    ckpt = int(config.eval.get("sample_ckpt", 0)) or _latest_checkpoint(workdir)
+    ckpt = int(config.eval.sample_ckpt) or _latest_checkpoint(workdir)
     ckpt_path = _restore_for_eval(config, workdir, ckpt, state, sde)
     out_dir = os.path.join(workdir, eval_folder, f"samples_ckpt_{ckpt}_{config.sampling.method}")
-    _setup_logging(out_dir)
+    if is_main:
+        _setup_logging(out_dir)
     batch = int(config.eval.batch_size)
     num_samples = int(config.eval.num_samples)
     sampling_fn = get_sampling_fn_from_config(config, sde, sampling_eps, batch)
     nfes = []
 
-    def save_grid(x, nfe):
-        round_index = len(evaluation.list_sample_files(out_dir)) if os.path.isdir(out_dir) else 0
+    def save_grid(x, nfe, round_index, folder):
         evaluation.save_image_grid(
-            x, os.path.join(out_dir, f"samples_{round_index}.png"), nrow=int(math.sqrt(len(x))) or 1
+            x, os.path.join(folder, f"samples_{round_index}.png"), nrow=int(math.sqrt(len(x))) or 1
         )
         logging.info("Sampling round %d: %d network evaluations.", round_index, nfe)
         nfes.append(nfe)
 
-    rounds = evaluation.num_sampling_rounds(num_samples, batch)
-    logging.info(
-        "Sampling %d images from %s (step %d) with %s.", num_samples, ckpt_path, state["step"], config.sampling.method
-    )
-    with torch.no_grad(), _progress(rounds, f"sampling ckpt {ckpt}", _done_rounds(out_dir, rounds, evaluation)) as bar:
-        evaluation.write_samples_in_batches(
-            _sampling_with_progress(sampling_fn, bar, save_grid),
+    if is_main:
+        logging.info(
+            "Sampling %d images from %s (step %d) with %s.",
+            num_samples,
+            ckpt_path,
+            state["step"],
+            config.sampling.method,
+        )
+    with torch.no_grad():
+        _sample_rounds(
+            sampling_fn,
             state["model"],
             out_dir,
             num_samples,
             batch,
             seed=config.seed,
+            desc=f"sampling ckpt {ckpt}",
+            on_round=save_grid,
         )
-    logging.info(
-        "ckpt %d (%s, step %d): %d samples in %s (%d new batches, network evaluations per batch: %s).",
-        ckpt,
-        ckpt_path,
-        state["step"],
-        num_samples,
-        out_dir,
-        len(nfes),
-        sorted(set(nfes)) or "-",
-    )
+    nfes = [n for rank_nfes in distributed.gather_objects(nfes) for n in rank_nfes]
+    if is_main:
+        logging.info(
+            "ckpt %d (%s, step %d): %d samples in %s (%d new batches, network evaluations per batch: %s).",
+            ckpt,
+            ckpt_path,
+            state["step"],
+            num_samples,
+            out_dir,
+            len(nfes),
+            sorted(set(nfes)) or "-",
+        )
     return out_dir

@@ -10,11 +10,14 @@ Notation: x_t = alpha(t) x_0 + sigma(t) z, dx = f(t) x dt + g(t) dw. `t` is a te
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from configs.defaults import complete_config
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -203,6 +206,56 @@ class SDE(abc.ABC):
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
+    # --- the reverse-time grid and its steps (samplers call these; subclasses override, samplers never branch) ---
+
+    def with_num_steps(self, num_steps: int, eps: float | None = None) -> SDE:
+        """A copy of this SDE discretised with num_steps steps down to eps (the sampler's grid; the continuous
+        SDE is unchanged). eps matters only for SDEs whose grid depends on it (RVE)."""
+        if int(num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1 (config.sampling.num_steps); got {num_steps}.")
+        other = copy.copy(self)
+        other._discretize(int(num_steps))
+        return other
+
+    def _discretize(self, N: int) -> None:
+        """Set N and the tables of the N-step discretisation (none for the base class)."""
+        self.N = N
+
+    def time_grid(self, num_steps: int, eps: float, device=None) -> Tensor:
+        """The reverse-time grid of the PC sampler: linspace(T, eps, num_steps) (score_sde)."""
+        return torch.linspace(self.T, eps, num_steps, device=device)
+
+    def previous_time(self, t: Tensor) -> Tensor:
+        """The grid time one step before t in reverse time: t - T/N (may be <= 0 after the last step)."""
+        return t - self.T / self.N
+
+    def reverse_time_step(self, t: Tensor) -> Tensor | float:
+        """dt < 0 of one Euler-Maruyama step of the reverse SDE at t: -T/N."""
+        return -1.0 / self.N
+
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)), with the data limits alpha = 1, sigma = 0 at t <= 0."""
+        positive = t > 0
+        safe_t = torch.where(positive, t, torch.full_like(t, 0.5))
+        alpha = torch.where(positive, self.alpha(safe_t), torch.ones_like(t))
+        std = torch.where(positive, self.marginal_std(safe_t), torch.zeros_like(t))
+        return alpha, std
+
+    def ancestral_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, v, w) of one ancestral step t -> s = previous_time(t): x_s = (x + v score) / a + sqrt(w) z.
+
+        The Gaussian posterior q(x_s | x_t, x0_hat): a = alpha_t / alpha_s, v = sigma_t^2 - a^2 sigma_s^2,
+        w = v sigma_s^2 / sigma_t^2."""
+        alpha_t, std_t = self.alpha(t), self.marginal_std(t)
+        alpha_s, std_s = self.coefficients(self.previous_time(t))
+        a = alpha_t / alpha_s
+        v = std_t**2 - a**2 * std_s**2
+        return a, v, (v * std_s**2 / std_t**2).clamp(min=0)
+
+    def langevin_step_factor(self, t: Tensor) -> Tensor:
+        """The factor alpha_i of the Langevin correctors' step size (1; DDPM's 1 - beta_i for VP / sub-VP)."""
+        return torch.ones_like(t)
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> SDE:
         """Reverse-time SDE dx = [f - g^2 s] dt + g dw (or probability-flow ODE dx = [f - g^2 s / 2] dt)."""
         N = self.N
@@ -254,12 +307,21 @@ class VPSDE(SDE):
         super().__init__(N)
         self.beta_0 = beta_min
         self.beta_1 = beta_max
+        self._discretize(N)
+
+    def _discretize(self, N: int) -> None:
+        """DDPM's N discrete betas linspace(beta_min / N, beta_max / N, N) and their cumulative products."""
         self.N = N
-        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
+        self.discrete_betas = torch.linspace(self.beta_0 / N, self.beta_1 / N, N)
         self.alphas = 1.0 - self.discrete_betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+
+    def langevin_step_factor(self, t: Tensor) -> Tensor:
+        """DDPM's alpha_i = 1 - beta_i at the grid index of t."""
+        timestep = (t * (self.N - 1) / self.T).long()
+        return self.alphas.to(t.device)[timestep]
 
     @property
     def T(self) -> float:
@@ -310,6 +372,12 @@ class VPSDE(SDE):
         """log N(z; 0, I)."""
         return _gaussian_prior_logp(z, 1.0)
 
+    def ancestral_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """DDPM's ancestral step (score_sde): a = sqrt(1 - beta_i), v = w = beta_i."""
+        timestep = (t * (self.N - 1) / self.T).long()
+        beta = self.discrete_betas.to(t.device)[timestep]
+        return torch.sqrt(1.0 - beta), beta, beta
+
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretisation: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z_i."""
         timestep = (t * (self.N - 1) / self.T).long()
@@ -353,12 +421,21 @@ class subVPSDE(SDE):
         super().__init__(N)
         self.beta_0 = beta_min
         self.beta_1 = beta_max
+        self._discretize(N)
+
+    def _discretize(self, N: int) -> None:
+        """DDPM's N discrete betas linspace(beta_min / N, beta_max / N, N) and their cumulative products."""
         self.N = N
-        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
+        self.discrete_betas = torch.linspace(self.beta_0 / N, self.beta_1 / N, N)
         self.alphas = 1.0 - self.discrete_betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+
+    def langevin_step_factor(self, t: Tensor) -> Tensor:
+        """DDPM's alpha_i = 1 - beta_i at the grid index of t."""
+        timestep = (t * (self.N - 1) / self.T).long()
+        return self.alphas.to(t.device)[timestep]
 
     @property
     def T(self) -> float:
@@ -445,8 +522,22 @@ class VESDE(SDE):
         super().__init__(N)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.discrete_sigmas = torch.exp(torch.linspace(np.log(self.sigma_min), np.log(self.sigma_max), N))
+        self._discretize(N)
+
+    def _discretize(self, N: int) -> None:
+        """N geometric noise levels discrete_sigmas from sigma_min to sigma_max (SMLD)."""
         self.N = N
+        self.discrete_sigmas = torch.exp(torch.linspace(np.log(self.sigma_min), np.log(self.sigma_max), N))
+
+    def ancestral_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """SMLD's ancestral step (score_sde) on discrete_sigmas: a = 1, v = sigma_i^2 - sigma_(i-1)^2,
+        w = sigma_(i-1)^2 v / sigma_i^2."""
+        timestep = (t * (self.N - 1) / self.T).long()
+        sigmas = self.discrete_sigmas.to(t.device)
+        sigma = sigmas[timestep]
+        adjacent_sigma = torch.where(timestep == 0, torch.zeros_like(t), sigmas[(timestep - 1).clamp(min=0)])
+        v = sigma**2 - adjacent_sigma**2
+        return torch.ones_like(sigma), v, (adjacent_sigma**2 * v) / (sigma**2)
 
     @property
     def T(self) -> float:
@@ -526,9 +617,11 @@ class VESDE(SDE):
 class RVESDE(VESDE):
     """Reciprocal VE SDE: VE re-timed, log sigma linear in 1/t; sigma(eps) = s_min, sigma(1) = s_max.
 
-    sigma(t) = s_max (s_min/s_max)^((1/t - 1)/(1/eps - 1)) (papers.md section 1). It subclasses VESDE so that
-    every VE code path (SMLD discretisation, ancestral sampling, Langevin corrector with alpha = 1, sigma
-    labels) applies; discrete_sigmas[i] = sigma(max(i / (N - 1), eps)): [0] = s_min, [N-1] = s_max.
+    sigma(t) = s_max (s_min/s_max)^((1/t - 1)/(1/eps - 1)) (papers.md section 1). It subclasses VESDE (alpha = 1,
+    sigma labels, Langevin step factor 1). Its sampler grid is uniform in 1/t from T to grid_eps (uniform in log
+    sigma; sigma(1e-3) is still about 45 for eps = 1e-5, so a grid uniform in t would waste its steps): time_grid,
+    previous_time, reverse_time_step, discretize (SMLD form) and ancestral_coefficients (Gaussian posterior) all
+    follow it. discrete_sigmas[i] = sigma(max(i / (N - 1), eps)) are the levels of discrete SMLD training.
     """
 
     def __init__(self, sigma_min: float = 1e-3, sigma_max: float = 50, N: int = 1000, eps: float = 1e-5):
@@ -540,25 +633,59 @@ class RVESDE(VESDE):
                 f"RVESDE needs 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}. "
                 "Check model.sigma_min / model.sigma_max."
             )
-        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max, N=N)
         self.eps = eps
-        grid = torch.linspace(0.0, 1.0, N, dtype=torch.float64).clamp(min=eps)
+        self.grid_eps = eps  # the last time of the sampler's 1/t grid (with_num_steps sets the sampler's eps)
+        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max, N=N)
+
+    # --- the reverse-time grid: uniform in 1/t (uniform in log sigma, VE's geometric grid) ---
+
+    def _discretize(self, N: int) -> None:
+        """N steps; discrete_sigmas[i] = sigma(max(i / (N - 1), eps)) (the levels of discrete SMLD training)."""
+        self.N = N
+        grid = torch.linspace(0.0, 1.0, N, dtype=torch.float64).clamp(min=self.eps)
         self.discrete_sigmas = torch.exp(self.log_sigma(grid)).to(torch.float32)
 
-    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """SMLD step on the RVE grid: G = sqrt(sigma(t_i)^2 - sigma(t_{i-1})^2), t_i = max(i/(N-1), eps).
+    def with_num_steps(self, num_steps: int, eps: float | None = None) -> RVESDE:
+        """A copy with num_steps grid times uniform in 1/t from T down to eps (default: the RVE's own eps)."""
+        other = super().with_num_steps(num_steps)
+        other.grid_eps = self.grid_eps if eps is None else float(eps)
+        return other
 
-        Computed from the closed form in float64: near T the RVE levels are nearly equal and float32
-        discrete_sigmas would lose most digits of the difference.
-        """
-        timestep = (t * (self.N - 1) / self.T).long()
+    def time_grid(self, num_steps: int, eps: float, device=None) -> Tensor:
+        """num_steps times uniform in 1/t from T to eps (uniform in log sigma)."""
+        return 1.0 / torch.linspace(1.0 / self.T, 1.0 / eps, num_steps, device=device)
+
+    def _inverse_time_step(self) -> float:
+        """The step of the grid in 1/t: (1/grid_eps - 1/T) / (N - 1)."""
+        return (1.0 / self.grid_eps - 1.0 / self.T) / (self.N - 1)
+
+    def previous_time(self, t: Tensor) -> Tensor:
+        """The next grid time in reverse time, 1/t_prev = 1/t + step; from the last grid time: t = 0 (sigma = 0,
+        like VE's last SMLD step)."""
+        step = self._inverse_time_step()
+        inv_prev = 1.0 / t + step
+        last = inv_prev > 1.0 / self.T + (self.N - 0.5) * step
+        return torch.where(last, torch.zeros_like(t), 1.0 / inv_prev)
+
+    def reverse_time_step(self, t: Tensor) -> Tensor:
+        """dt = t_prev - t on the 1/t grid (the last step stays on the grid's continuation, not at 0)."""
+        return 1.0 / (1.0 / t + self._inverse_time_step()) - t
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """SMLD step on the 1/t grid: f = 0, G = sqrt(sigma(t)^2 - sigma(t_prev)^2), sigma(0) = 0.
+
+        Computed in float64 where possible: near T the RVE levels are nearly equal and float32 would lose most
+        digits of the difference."""
         wide = _wide_dtype(t.device)
-        t_i = (timestep.to(wide) / (self.N - 1)).clamp(min=self.eps)
-        t_prev = ((timestep - 1).to(wide) / (self.N - 1)).clamp(min=self.eps)
-        var = torch.exp(2.0 * self.log_sigma(t_i))
-        var_prev = torch.where(timestep == 0, torch.zeros_like(var), torch.exp(2.0 * self.log_sigma(t_prev)))
-        G = torch.sqrt(var - var_prev).to(t.dtype if torch.is_floating_point(t) else x.dtype)
+        t_w = t.to(wide)
+        t_prev = self.previous_time(t_w)
+        var_prev = self.coefficients(t_prev)[1] ** 2
+        G = torch.sqrt(self.marginal_std(t_w) ** 2 - var_prev).to(t.dtype if torch.is_floating_point(t) else x.dtype)
         return torch.zeros_like(x), G
+
+    def ancestral_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The Gaussian posterior step between consecutive 1/t grid times (SDE.ancestral_coefficients)."""
+        return SDE.ancestral_coefficients(self, t)
 
     def _rate(self) -> float:
         """c = 2 log(s_max/s_min) / (1/eps - 1), so that g^2/sigma^2 = c / t^2."""
@@ -680,21 +807,16 @@ RVE_NAMES = ("rvesde", "reciprocal_vesde", "rve-sde")
 _SDE_NAMES = ("vpsde", "subvpsde", "vesde", *RVE_NAMES)
 
 
-def _config_get(section, name: str, default):
-    """section.name if present and not None, else default (ml_collections raises AttributeError if absent)."""
-    value = getattr(section, name, None) if section is not None else None
-    return default if value is None else value
-
-
 def get_sde(config) -> tuple[SDE, float]:
     """Build (sde, sampling_eps) from config.training.sde and config.model.{beta_*, sigma_*, num_scales}.
 
     sampling_eps follows score_sde (1e-3 for VP / subVP, 1e-5 for VE) and the RVE's own eps for RVE, unless
     config.sampling.truncation_time is set.
     """
+    config = complete_config(config)
     name = str(config.training.sde).lower()
     model = config.model
-    n = int(_config_get(model, "num_scales", 1000))
+    n = int(model.num_scales)
     if name == "vpsde":
         sde = VPSDE(beta_min=model.beta_min, beta_max=model.beta_max, N=n)
         sampling_eps = 1e-3
@@ -705,7 +827,7 @@ def get_sde(config) -> tuple[SDE, float]:
         sde = VESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=n)
         sampling_eps = 1e-5
     elif name in RVE_NAMES:
-        eps = float(_config_get(config.training, "truncation_time", 1e-5))
+        eps = float(config.training.truncation_time)
         sde = RVESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=n, eps=eps)
         sampling_eps = eps
     else:
@@ -713,8 +835,7 @@ def get_sde(config) -> tuple[SDE, float]:
             f"Unknown config.training.sde = {config.training.sde!r}; valid names: {', '.join(_SDE_NAMES)} "
             f"({', '.join(RVE_NAMES)} all name the reciprocal VE SDE)."
         )
-    sampling_section = getattr(config, "sampling", None)
-    override = _config_get(sampling_section, "truncation_time", None)
+    override = config.sampling.truncation_time
     if override is not None and float(override) > 0:  # 0 or None: keep the default above
         sampling_eps = float(override)
     return sde, sampling_eps

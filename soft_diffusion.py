@@ -11,8 +11,9 @@ Momentum Sampler, one step:  x0_hat = h(x_t, t);  y_t = C_t x0_hat;  e = y_t - x
 noise=False drops the eta terms: with a constant s_t the Momentum Sampler is then Cold Diffusion's improved
 sampler x_t' = x_t - C_t x0_hat + C_t' x0_hat, and the naive sampler is Cold Diffusion's naive one.
 
-Registered in sampling.py as the sampling methods 'naive_blur' and 'momentum' (config.sampling.method);
-they read config.blur.num_steps (N) and config.blur.sampler_noise.
+sampling.py registers build_naive_sampler and build_momentum_sampler as the sampling methods 'naive_blur' and
+'momentum' (config.sampling.method); they read config.blur.num_steps (N) and config.blur.sampler_noise. The
+clean-image prediction h is the blur parametrisation's denoise (parametrization.BlurResidual).
 """
 
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import ml_collections
 import torch
 
-from sampling import register_sampling_method
+from samplers.base import make_sampling_fn
 
 
 def time_grid(num_steps: int, T: float, eps: float, device: torch.device | str | None = None) -> torch.Tensor:
@@ -77,6 +78,7 @@ def _get_sampler(
     device: torch.device | str | None,
     noise: bool,
     generator: torch.Generator | None,
+    precision: str = "fp32",
 ) -> Callable:
     """Shared loop of the naive and the momentum sampler."""
     num_steps = int(num_steps if num_steps is not None else corruption.N)
@@ -84,16 +86,13 @@ def _get_sampler(
         raise ValueError(f"sampling eps must lie in [0, T) (got {eps})")
     device = torch.device(device) if device is not None else torch.device("cpu")
 
-    @torch.no_grad()
-    def sampler(model: torch.nn.Module, z: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Draw samples; z (optional) is the starting x_T. Returns (inverse_scaler(h(x_eps, eps)), nfe)."""
-        denoiser_fn = corruption.get_denoiser_fn(model, train=False)
-        x = corruption.prior_sampling(shape, device=device, generator=generator) if z is None else z.to(device)
+    def loop(param, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """N clean-image predictions h(x_t, t) on the grid; returns h(x_eps, eps)."""
         ts = time_grid(num_steps, corruption.T, eps, device=device)
         x0_hat = x
         for i in range(num_steps):
             t = ts[i].expand(x.shape[0]).to(x.dtype)
-            x0_hat = denoiser_fn(x, t)
+            x0_hat = param.denoise(x, t)
             if i == num_steps - 1:
                 break
             t_next = ts[i + 1].expand(x.shape[0]).to(x.dtype)
@@ -101,9 +100,9 @@ def _get_sampler(
                 x = naive_update(corruption, x0_hat, t_next, noise=noise, generator=generator)
             else:
                 x = momentum_update(corruption, x, x0_hat, t, t_next, noise=noise, generator=generator)
-        return inverse_scaler(x0_hat), num_steps
+        return x0_hat, num_steps
 
-    return sampler
+    return make_sampling_fn(loop, corruption, shape, inverse_scaler, device, generator=generator, precision=precision)
 
 
 def get_naive_sampler(
@@ -115,9 +114,10 @@ def get_naive_sampler(
     device: torch.device | str | None = None,
     noise: bool = True,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> Callable:
     """Naive sampler x_t' = C_t' h(x_t, t) + s_t' eta on N = num_steps grid points (default corruption.N)."""
-    return _get_sampler("naive", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator)
+    return _get_sampler("naive", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator, precision)
 
 
 def get_momentum_sampler(
@@ -129,31 +129,33 @@ def get_momentum_sampler(
     device: torch.device | str | None = None,
     noise: bool = True,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> Callable:
     """Momentum Sampler of Soft Diffusion on N = num_steps grid points (default corruption.N)."""
-    return _get_sampler("momentum", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator)
+    return _get_sampler(
+        "momentum", corruption, shape, inverse_scaler, num_steps, eps, device, noise, generator, precision
+    )
 
 
 def _config_options(config: ml_collections.ConfigDict, corruption) -> tuple[int, bool]:
-    """(num_steps, noise) from config.blur (defaults: corruption.N, True)."""
+    """(num_steps, noise) from config.blur."""
     if not hasattr(corruption, "blur_at"):
         raise ValueError(
             "sampling methods 'naive_blur' and 'momentum' need config.training.corruption = 'blur' "
             "(got a Gaussian SDE: use sampling.method = 'pc' or 'ode')"
         )
-    blur_cfg = config.get("blur", ml_collections.ConfigDict())
-    return int(blur_cfg.get("num_steps", corruption.N)), bool(blur_cfg.get("sampler_noise", True))
+    return int(config.blur.num_steps), bool(config.blur.sampler_noise)
 
 
-@register_sampling_method("naive_blur")
 def build_naive_sampler(config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float) -> Callable:
-    """sampling.py builder for config.sampling.method = 'naive_blur' (sde is the BlurCorruption)."""
+    """Builder for config.sampling.method = 'naive_blur' (sde is the BlurCorruption)."""
     num_steps, noise = _config_options(config, sde)
-    return get_naive_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise)
+    precision = config.eval.precision or config.training.precision
+    return get_naive_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise, precision=precision)
 
 
-@register_sampling_method("momentum")
 def build_momentum_sampler(config: ml_collections.ConfigDict, sde, shape, inverse_scaler, eps: float) -> Callable:
-    """sampling.py builder for config.sampling.method = 'momentum' (sde is the BlurCorruption)."""
+    """Builder for config.sampling.method = 'momentum' (sde is the BlurCorruption)."""
     num_steps, noise = _config_options(config, sde)
-    return get_momentum_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise)
+    precision = config.eval.precision or config.training.precision
+    return get_momentum_sampler(sde, shape, inverse_scaler, num_steps, eps, config.device, noise, precision=precision)

@@ -9,8 +9,8 @@ blur.schedule = 'file' (see configs/cifar10_blur.py).
 """
 
 from configs.default_celeba_configs import get_default_configs
-from configs.model_presets import set_ddpmpp
-from corruption import default_blur_config
+from configs.defaults import default_blur_config
+from configs.presets import set_ddpmpp
 
 
 def get_config():

@@ -12,8 +12,8 @@ Sampler: the Momentum Sampler.
 """
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpmpp
-from corruption import default_blur_config
+from configs.defaults import default_blur_config
+from configs.presets import set_ddpmpp
 
 
 def get_config():

@@ -4,7 +4,7 @@ Diffusion switches; each new field defaults to the behaviour of plain score_sde)
 import ml_collections
 import torch
 
-from corruption import default_blur_config
+from configs.defaults import add_default_fields, default_blur_config
 
 
 def get_default_configs() -> ml_collections.ConfigDict:
@@ -148,4 +148,4 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.seed = 42
     config.device = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
-    return config
+    return add_default_fields(config)  # every optional field present, so that the command line can set it

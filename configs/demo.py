@@ -5,7 +5,7 @@ other run. Everything but the size is a real configuration: swap data.dataset an
 """
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpmpp
+from configs.presets import set_ddpmpp
 
 
 def get_config():

@@ -6,7 +6,7 @@ with 32 network evaluations. No download; trains on a CPU like configs/demo.py.
 """
 
 from configs import demo
-from corruption import default_blur_config
+from configs.defaults import default_blur_config
 
 
 def get_config():

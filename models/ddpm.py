@@ -10,6 +10,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from configs.defaults import complete_config
+
 from . import layers, utils
 
 
@@ -19,7 +21,7 @@ class DDPM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        self.config = config = complete_config(config)
         m = config.model
         self.act = act = layers.get_act(config)
         self.register_buffer("sigmas", torch.tensor(utils.get_sigmas(config)))

@@ -17,8 +17,9 @@ Soft Truncation options (optional; defaults give the score_sde network):
   instead of num_res_blocks + 1. Only defined for resblock_type 'biggan' without progressive paths (the
   original code crashes otherwise); attention then applies where image_size is in attn_resolutions.
 - fourier_feature (False): input features [x, sin/cos(128 pi x), sin/cos(256 pi x)] before the first conv.
-- config.training.unbounded_parametrization with a VE / RVE SDE (UNCSN++): the Fourier embedding receives
-  u(sigma) (models.utils.uncsn_embedding_input) instead of log sigma.
+- sigma_embedding ('log'): 'uncsn' feeds the Fourier embedding u(sigma) (parametrization.uncsn_embedding_input)
+  instead of log sigma: UNCSN++. configs.defaults.complete_config derives it from the Soft Truncation field
+  training.unbounded_parametrization of a VE / RVE config; the network reads config.model and config.data only.
 """
 
 import functools
@@ -26,14 +27,11 @@ import functools
 import torch
 import torch.nn as nn
 
+from configs.defaults import complete_config
+
 from . import layers, layerspp, utils
 
-VE_FAMILY = ("vesde", "rvesde", "reciprocal_vesde", "rve-sde")  # sde_lib.RVE_NAMES are the RVE aliases
-
-
-def _opt(section, name: str, default):
-    """Optional config field with a default (score_sde configs lack the Soft Truncation fields)."""
-    return getattr(section, name, default)
+SIGMA_EMBEDDINGS = ("log", "uncsn")
 
 
 @utils.register_model(name="ncsnpp")
@@ -42,7 +40,7 @@ class NCSNpp(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        self.config = config = complete_config(config)
         m = config.model
         self.act = act = layers.get_act(config)
         self.register_buffer("sigmas", torch.tensor(utils.get_sigmas(config)))
@@ -67,17 +65,15 @@ class NCSNpp(nn.Module):
         self.embedding_type = embedding_type = m.embedding_type.lower()
         init_scale = m.init_scale
         combine_method = m.progressive_combine.lower()
-        self.attention = attention = bool(_opt(m, "attention", True))
-        self.auxiliary_resblock = aux = bool(_opt(m, "auxiliary_resblock", True))
-        self.lsgm = bool(_opt(m, "lsgm", False))
-        self.fourier_feature = bool(_opt(m, "fourier_feature", False))
+        self.attention = attention = bool(m.attention)
+        self.auxiliary_resblock = aux = bool(m.auxiliary_resblock)
+        self.lsgm = bool(m.lsgm)
+        self.fourier_feature = bool(m.fourier_feature)
         self.scale_by_sigma = bool(m.scale_by_sigma)
         self.centered = bool(config.data.centered)
-        training = getattr(config, "training", None)
-        sde_name = str(_opt(training, "sde", "")).lower() if training is not None else ""
-        self.unbounded_sigma_embedding = embedding_type == "fourier" and (
-            utils.uses_unbounded_parametrization(config) and sde_name in VE_FAMILY
-        )
+        if m.sigma_embedding not in SIGMA_EMBEDDINGS:
+            raise ValueError(f"config.model.sigma_embedding={m.sigma_embedding!r}; valid: {SIGMA_EMBEDDINGS}.")
+        self.unbounded_sigma_embedding = embedding_type == "fourier" and m.sigma_embedding == "uncsn"
         self._check_options(config, aux)
 
         # Resolution of each level's features (constant without the resampling blocks).
@@ -87,11 +83,6 @@ class NCSNpp(nn.Module):
         modules = []
         # Time / noise-level embedding.
         if embedding_type == "fourier":
-            if not _opt(training, "continuous", True):
-                raise ValueError(
-                    "model.embedding_type='fourier' needs config.training.continuous=True (a Fourier "
-                    "embedding of the noise level); use 'positional' for discrete training."
-                )
             modules.append(layerspp.GaussianFourierProjection(embedding_size=nf, scale=m.fourier_scale))
             embed_dim, temb_base = 2 * nf, nf
         elif embedding_type == "positional":
@@ -228,7 +219,7 @@ class NCSNpp(nn.Module):
             if value not in allowed:
                 raise ValueError(f"config.model.{name}={value!r} is not supported; choose one of {allowed}.")
         if self.lsgm and self.embedding_type == "positional":
-            dim = _opt(m, "embedding_dim", None)
+            dim = m.embedding_dim
             if not dim or int(dim) < 4 or int(dim) % 2:
                 raise ValueError(
                     f"config.model.lsgm=True needs config.model.embedding_dim, an even width >= 4 of the "

@@ -31,6 +31,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from configs.defaults import complete_config
+
 from . import utils
 from .layers import (
     ConditionalResidualBlock,
@@ -75,12 +77,13 @@ class _DilatedRefineNet(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        config = complete_config(config)
         self.centered = bool(config.data.centered)
         self.nf = nf = config.model.nf
         self.act = act = get_act(config)
         self.config = config
         num_scales = config.model.num_scales
-        interpolation = config.model.get("interpolation", "bilinear")
+        interpolation = config.model.interpolation
         if interpolation != "bilinear":
             raise ValueError(f"model.interpolation={interpolation!r}: NCSN / NCSNv2 fuse with 'bilinear' only.")
         if self.conditional:

@@ -11,6 +11,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from configs.defaults import complete_config
+
 
 class VarianceNorm2d(nn.Module):
     """x / sqrt(Var_hw[x] + 1e-5) * gamma per channel (no mean subtraction, NCSN)."""
@@ -63,7 +65,7 @@ def get_normalization(config, conditional: bool = False):
     """
     norm = config.model.normalization
     if conditional:
-        num_classes = config.model.get("num_classes", config.model.num_scales)
+        num_classes = complete_config(config).model.num_classes
         return functools.partial(conditional_normalization(norm), num_classes=num_classes)
     if norm == "GroupNorm":
         return functools.partial(_group_norm, num_groups=32)

@@ -1,29 +1,28 @@
-"""Model registry, model/score function wrappers and network label transforms (score_sde_pytorch's
-models/utils.py, plus the Soft Truncation paper's unbounded parametrisations, papers.md section 3).
+"""Model registry and score_sde_pytorch's model / score function wrappers (models/utils.py).
 
-Network labels (checkpoint compatibility, papers.md section 1):
-- VP / subVP, continuous: label 999 t (positional embedding); the network predicts noise: score = -out/std.
-  With config.training.unbounded_parametrization (UDDPM++) the label is `uddpm_label(t)` instead. With the Soft
-  Truncation repository's config.training.ddpm_score = False the output is the score itself (no -1/std).
-- VP discrete: label t (N - 1), std from sqrt_1m_alphas_cumprod.
-- VE continuous / RVE: label = marginal std sigma(t) (Gaussian Fourier embedding of log sigma, or of
-  `uncsn_embedding_input(sigma)` for UNCSN++, inside NCSN++); with scale_by_sigma the output is the score.
-- VE discrete: label = round((T - t)(N - 1)), an index into the model's `sigmas` buffer.
-- A corruption object with its own `get_score_fn(model, train=..., continuous=...)` (Soft Diffusion's blur) is
-  delegated to.
+How a network's labels and output become a score is decided in parametrization.py; get_score_fn is a thin
+wrapper over it. The label transforms are re-exported here for older code (uddpm_label, uncsn_embedding_input).
 """
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
+
+import parametrization
+from parametrization import (  # noqa: F401  (re-exported label transforms)
+    UNCSN_SIGMA_OFFSET,
+    UNCSN_SIGMA_SWITCH,
+    VP_LABEL_SCALE,
+    uddpm_label,
+    uddpm_log_snr_antiderivative,
+    uncsn_constants,
+    uncsn_embedding_input,
+    vp_integrated_beta,
+)
 
 _MODELS: dict[str, type] = {}
-
-UNCSN_SIGMA_SWITCH = 0.01  # u(sigma) = log sigma above this noise level
-UNCSN_SIGMA_OFFSET = 1e-4  # u(sigma) = -c1 / (sigma + offset) + c2 below it
-VP_LABEL_SCALE = 999.0  # continuous VP/subVP labels span [0, 999]
 
 
 def register_model(cls=None, *, name: str | None = None):
@@ -88,7 +87,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def get_model_config(model: torch.nn.Module):
     """The config the network was built with (model.config or model.module.config), or None."""
-    return getattr(unwrap_model(model), "config", None)
+    return parametrization.network_config(model)
 
 
 def get_model_fn(model: torch.nn.Module, train: bool = False) -> Callable:
@@ -102,138 +101,63 @@ def get_model_fn(model: torch.nn.Module, train: bool = False) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Unbounded parametrisations (Soft Truncation, papers.md section 3)
+# Speed options (training.channels_last / grad_checkpoint / compile): none changes the state_dict
 
 
-def vp_integrated_beta(t: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
-    """B(t) = beta_min t + (beta_max - beta_min) t^2 / 2 (VP / subVP)."""
-    return beta_min * t + 0.5 * (beta_max - beta_min) * t**2
+def is_residual_block(module: torch.nn.Module) -> bool:
+    """The residual blocks of every registered network (DDPM++/NCSN++, DDPM, NCSN / NCSNv2)."""
+    name = type(module).__name__
+    return "ResnetBlock" in name or "ResidualBlock" in name
 
 
-def uddpm_log_snr_antiderivative(b: torch.Tensor, c: float) -> torch.Tensor:
-    """A_c = log(1 - exp(-B) + c) + B, a stabilised -log SNR of VP (UDDPM++)."""
-    return torch.log(-torch.expm1(-b) + c) + b
+def _checkpointed_forward(module: torch.nn.Module, forward: Callable) -> Callable:
+    """forward(*args) recomputed in the backward pass (torch.utils.checkpoint, non-reentrant: dropout replays the
+    same random numbers) while gradients are being recorded; the plain forward otherwise."""
+
+    def run(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
 
 
-def uddpm_label(
-    t: torch.Tensor, beta_min: float, beta_max: float, eps: float, c: float = 1e-3, T: float = 1.0
-) -> torch.Tensor:
-    """UDDPM++ label 999 (A_c(t) - A_c(eps)) / (A_c(T) - A_c(eps)): 0 at t = eps, 999 at t = T, increasing."""
-    ends = torch.tensor([eps, T], dtype=torch.float64)
-    a_eps, a_T = uddpm_log_snr_antiderivative(vp_integrated_beta(ends, beta_min, beta_max), c).tolist()
-    a_t = uddpm_log_snr_antiderivative(vp_integrated_beta(t, beta_min, beta_max), c)
-    return VP_LABEL_SCALE * (a_t - a_eps) / (a_T - a_eps)
+def set_grad_checkpointing(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Activation checkpointing of every residual block (training.grad_checkpoint); returns the block count.
+    The blocks' own forward is wrapped on the instance, so parameters and state_dict keys are unchanged."""
+    count = 0
+    for module in unwrap_model(model).modules():
+        if is_residual_block(module):
+            if "forward" in module.__dict__:
+                del module.forward  # back to the class's forward
+            if enabled:
+                module.forward = _checkpointed_forward(module, module.forward)
+            count += 1
+    return count
 
 
-def uncsn_constants(
-    sigma_switch: float = UNCSN_SIGMA_SWITCH, offset: float = UNCSN_SIGMA_OFFSET
-) -> tuple[float, float]:
-    """(c1, c2) with -c1 / (s + offset) + c2 = log s and c1 / (s + offset)^2 = 1 / s at s = sigma_switch."""
-    c1 = (sigma_switch + offset) ** 2 / sigma_switch
-    c2 = math.log(sigma_switch) + c1 / (sigma_switch + offset)
-    return c1, c2
-
-
-def uncsn_embedding_input(
-    sigma: torch.Tensor, sigma_switch: float = UNCSN_SIGMA_SWITCH, offset: float = UNCSN_SIGMA_OFFSET
-) -> torch.Tensor:
-    """UNCSN++ u(sigma) = log sigma for sigma >= 0.01, -c1 / (sigma + 1e-4) + c2 below (C^1, bounded)."""
-    c1, c2 = uncsn_constants(sigma_switch, offset)
-    log_part = torch.log(torch.clamp(sigma, min=sigma_switch))
-    small_part = -c1 / (torch.clamp(sigma, min=0.0) + offset) + c2
-    return torch.where(sigma >= sigma_switch, log_part, small_part)
-
-
-def _cfg(section, name: str, default):
-    """config.<section>.<name> if present, else default."""
-    return getattr(section, name, default) if section is not None else default
-
-
-def uses_unbounded_parametrization(config) -> bool:
-    """True when config.training.unbounded_parametrization is set (UDDPM++ / UNCSN++)."""
-    if config is None:
-        return False
-    return bool(_cfg(getattr(config, "training", None), "unbounded_parametrization", False))
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def _vp_betas(sde) -> tuple[float, float]:
-    """(beta_min, beta_max) of a VP/subVP SDE (score_sde names them beta_0, beta_1)."""
-    for lo, hi in (("beta_0", "beta_1"), ("beta_min", "beta_max")):
-        if hasattr(sde, lo) and hasattr(sde, hi):
-            return float(getattr(sde, lo)), float(getattr(sde, hi))
-    raise AttributeError(f"{type(sde).__name__} has no beta_0/beta_1 (or beta_min/beta_max) attributes")
-
-
-def _vp_continuous_labels(sde, t: torch.Tensor, config) -> torch.Tensor:
-    """Label of a continuous VP/subVP network: 999 t, or the UDDPM++ label when unbounded."""
-    if not uses_unbounded_parametrization(config):
-        return t * VP_LABEL_SCALE
-    training = config.training
-    beta_min, beta_max = _vp_betas(sde)
-    return uddpm_label(
-        t,
-        beta_min,
-        beta_max,
-        eps=float(_cfg(training, "truncation_time", 1e-5)),
-        c=float(_cfg(training, "stabilizing_constant", 1e-3)),
-        T=float(sde.T),
-    )
+def apply_speed_options(
+    model: torch.nn.Module,
+    channels_last: bool = False,
+    grad_checkpoint: bool = False,
+    compile: bool = False,
+    compile_mode: str = "",
+) -> torch.nn.Module:
+    """channels_last memory format, activation checkpointing and torch.compile (in place: nn.Module.compile, so the
+    state_dict keeps the original keys) of the network `model` (run_lib passes training.channels_last,
+    grad_checkpoint, compile and compile_mode)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if grad_checkpoint:
+        set_grad_checkpointing(model, True)
+    if compile:
+        model.compile(mode=compile_mode or None)
+    return model
 
 
 def get_score_fn(sde, model: torch.nn.Module, train: bool = False, continuous: bool = False) -> Callable:
-    """score_fn(x, t) giving the score s_theta(x, t) from the network's output (see the module docstring)."""
-    import sde_lib  # imported here so that the model package loads on its own
-
-    if hasattr(sde, "get_score_fn"):
-        return sde.get_score_fn(model, train=train, continuous=continuous)
-
-    model_fn = get_model_fn(model, train=train)
-    config = get_model_config(model)
-
-    if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-        ddpm_score = bool(_cfg(getattr(config, "training", None), "ddpm_score", True))
-
-        def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if continuous or isinstance(sde, sde_lib.subVPSDE):
-                labels = _vp_continuous_labels(sde, t, config)
-                std = sde.marginal_prob(torch.zeros_like(x), t)[1]
-            else:
-                labels = t * (sde.N - 1)
-                std = torch.as_tensor(sde.sqrt_1m_alphas_cumprod).to(x.device)[labels.long()]
-            out = model_fn(x, labels)
-            if not ddpm_score:
-                return out
-            return -out / std.to(out.dtype)[:, None, None, None]
-
-        return score_fn
-
-    rve_cls = getattr(sde_lib, "RVESDE", None)
-    if rve_cls is not None and isinstance(sde, rve_cls):
-
-        def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            labels = sde.marginal_prob(torch.zeros_like(x), t)[1]
-            return model_fn(x, labels)
-
-        return score_fn
-
-    if isinstance(sde, sde_lib.VESDE):
-
-        def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if continuous:
-                labels = sde.marginal_prob(torch.zeros_like(x), t)[1]
-            else:
-                labels = torch.round((sde.T - t) * (sde.N - 1)).long()
-            return model_fn(x, labels)
-
-        return score_fn
-
-    raise ValueError(
-        f"SDE class {sde.__class__.__name__} is not supported by get_score_fn; use sde_lib.VPSDE, subVPSDE, "
-        "VESDE or RVESDE, or give the corruption object a get_score_fn(model, train, continuous) method."
-    )
+    """score_fn(x, t) of the network (score_sde's signature): parametrization.get_parametrization(...).score."""
+    return parametrization.get_parametrization(sde, model, train=train, continuous=continuous).score
 
 
 def to_flattened_numpy(x: torch.Tensor) -> np.ndarray:

@@ -4,17 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import SDE_NAMES, make_sde, use_exact_score
 
 import controllable_generation as cg
 import sampling
-import sde_lib
 
-SDES = {
-    "vp": lambda: (sde_lib.VPSDE(N=1000), 1e-3),
-    "subvp": lambda: (sde_lib.subVPSDE(N=1000), 1e-3),
-    "ve": lambda: (sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=1000), 1e-5),
-    "rve": lambda: (sde_lib.RVESDE(sigma_min=1e-3, sigma_max=20.0, N=1000, eps=1e-5), 1e-5),
-}
+SDES = {name: (lambda name=name: make_sde(name, sigma_max=20.0)) for name in SDE_NAMES}
 S0 = 0.05  # std of each mixture component of the data
 
 
@@ -54,7 +49,7 @@ def build(getter, sde, eps: float, predictor: str, corrector: str):
 
 
 def use_score(monkeypatch, score_fn):
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde, model, continuous: score_fn)
+    use_exact_score(monkeypatch, score_fn)
 
 
 def two_images(channels: int, seed: int = 0) -> torch.Tensor:

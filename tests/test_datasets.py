@@ -273,46 +273,10 @@ def test_get_batch_with_augmentation(tmp_path):
         train.get_batch([15])
 
 
-def test_distributed_shards_and_infinite_loader(tmp_path):
-    write_cifar(tmp_path / "cifar-10-batches-py", n_train_per_batch=4)  # 20 training images
-    config = make_config("CIFAR10", tmp_path, batch_size=4)
-    seen = []
-    for rank in range(2):
-        loader, _, _ = datasets.get_dataset(config, rank=rank, world_size=2)
-        assert loader.batch_size == 2  # the global batch is split between the ranks
-        seen.append(torch.cat([b["image"] for b in loader]))
-    everything = loader.dataset.get_batch(list(range(20)), augment=False)
-
-    def ids(images):
-        return sorted(int((everything == im).flatten(1).all(1).nonzero()[0]) for im in images)
-
-    ids0, ids1 = ids(seen[0]), ids(seen[1])
-    assert len(ids0) == len(ids1) == 10 and not set(ids0) & set(ids1)
-    assert sorted(ids0 + ids1) == list(range(20))
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        datasets.get_dataset(make_config("CIFAR10", tmp_path, batch_size=5), rank=0, world_size=2)
-
-    # infinite_loader: runs past an epoch, reshuffles, and advances the DistributedSampler's epoch
-    loader, _, _ = datasets.get_dataset(config, rank=0, world_size=2)
-    stream = datasets.infinite_loader(loader)
-    epochs = [ids(torch.cat([next(stream)["image"] for _ in range(5)])) for _ in range(2)]
-    assert epochs[0] != epochs[1]  # set_epoch gives each epoch a new shard
-    next(stream)
-    assert loader.sampler.epoch == 2
-    single, _, _ = datasets.get_dataset(config)
-    stream = datasets.infinite_loader(single)
-    first = [next(stream)["label"] for _ in range(5)]  # one epoch = 5 batches of 4
-    second = [next(stream)["label"] for _ in range(5)]
-    assert sorted(torch.cat(first).tolist()) == sorted(torch.cat(second).tolist())
-    assert not torch.equal(torch.cat(first), torch.cat(second))  # reshuffled
-
-
-def test_dataset_smaller_than_batch_and_bad_rank(tmp_path):
+def test_dataset_smaller_than_batch(tmp_path):
     write_cifar(tmp_path / "cifar-10-batches-py")
     with pytest.raises(ValueError, match="fewer than one batch"):
         datasets.get_dataset(make_config("CIFAR10", tmp_path, batch_size=32))
-    with pytest.raises(ValueError, match="rank"):
-        datasets.get_dataset(make_config("CIFAR10", tmp_path), rank=2, world_size=2)
 
 
 def test_worker_processes(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_run_lib import flat_state, tiny_config
+from conftest import tiny_config
+from test_run_lib import flat_state
 
 import datasets
 import distributed
@@ -198,8 +199,8 @@ def test_ddp_training_keeps_ranks_in_step_writes_once_and_resumes_exactly(tmp_pa
 
 @pytest.mark.slow
 def test_torchrun_command_of_the_readme(tmp_path):
-    """`torchrun --nproc_per_node=2 main.py ... --mode train` (gloo on CPU): one set of files, one log; and eval
-    refuses to run under torchrun."""
+    """`torchrun --nproc_per_node=2 main.py ... --mode train` (gloo on CPU): one set of files, one log; then
+    `--mode eval` under the same launcher writes one results.json and the samples of both ranks' rounds."""
     workdir = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     args = [
@@ -225,5 +226,20 @@ def test_torchrun_command_of_the_readme(tmp_path):
     assert saved["step"] == 2 and len(saved["rng"]["rank_states"]) == 2
 
     args[3] = "--mode=eval"
+    args += [
+        "--config.eval.begin_ckpt=1",
+        "--config.eval.end_ckpt=1",
+        "--config.eval.enable_bpd=False",
+        "--config.eval.enable_loss=False",
+        "--config.eval.enable_sampling=True",
+        "--config.eval.enable_fid=False",
+        "--config.eval.num_samples=8",
+        "--config.eval.batch_size=4",
+        "--config.sampling.num_steps=4",
+    ]
     proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "runs in one process" in proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt_dir = workdir / "eval" / "ckpt_1"
+    assert (ckpt_dir / "results.json").exists()
+    rounds = sorted(name for name in os.listdir(ckpt_dir / "samples") if name.startswith("samples_"))
+    assert rounds == ["samples_0.npz", "samples_1.npz"], rounds

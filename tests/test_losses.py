@@ -5,17 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SDE_NAMES, make_sde, use_exact_score
 from scipy import integrate
 
 import losses
 import sde_lib
 
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(0.1, 20.0, 1000),
-    "subvp": lambda: sde_lib.subVPSDE(0.1, 20.0, 1000),
-    "ve": lambda: sde_lib.VESDE(0.01, 50.0, 1000),
-    "rve": lambda: sde_lib.RVESDE(1e-3, 50.0, 1000, eps=1e-5),
-}
+SDES = {name: (lambda name=name: make_sde(name)[0]) for name in SDE_NAMES}
 
 
 def shrink_score(sde, c):
@@ -32,7 +28,7 @@ def shrink_score(sde, c):
 @pytest.fixture
 def patch_score(monkeypatch):
     def apply(score_fn):
-        monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: score_fn)
+        use_exact_score(monkeypatch, score_fn)
 
     return apply
 
@@ -169,7 +165,7 @@ def sgd_step(optimizer, params, step):
 
 @pytest.fixture
 def linear_score(monkeypatch):
-    monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, model, train=False, continuous=False: model.score)
+    use_exact_score(monkeypatch)
 
 
 def test_micro_batches_share_one_tau_and_average_gradients(monkeypatch, linear_score):
@@ -340,10 +336,10 @@ def test_soft_truncation_repository_convention(patch_score):
         captured["called"] = True
 
     state = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), ema=None, step=0)
-    step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize)
-    batch = torch.randn(4, 3, 4, 4)
     # the patched score does not depend on the parameter: give it a gradient path
     patch_score(lambda x, t: model_score(x, t) + 0 * model.w)
+    step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=optimize)
+    batch = torch.randn(4, 3, 4, 4)
     state["ema"] = type("E", (), {"update": lambda self, p: None})()
     torch.manual_seed(11)
     loss = step_fn(state, batch)
@@ -530,7 +526,7 @@ def test_st_vp_only_keeps_ve_on_the_fixed_interval(monkeypatch):
         sde = SDES[name]()
         config = st_config(st=True, st_vp_only=vp_only)
         assert losses.soft_truncation_applies(config, sde) is expected
-        monkeypatch.setattr(losses.mutils, "get_score_fn", lambda sde, m, train=False, continuous=False: m.score)
+        use_exact_score(monkeypatch)
         step_fn = losses.get_step_fn_from_config(config, sde, train=True, optimize_fn=lambda o, p, step: None)
         drawn.clear()
         step_fn(make_state(model), torch.randn(4, 5))

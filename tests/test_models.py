@@ -290,19 +290,9 @@ def test_score_fn_rve_uses_marginal_std():
     np.testing.assert_allclose(out[:, 0, 0, 0].detach().numpy(), want, rtol=1e-6)
 
 
-def test_score_fn_delegates_to_corruption():
-    class Corruption:
-        def get_score_fn(self, model, train=False, continuous=False):
-            return ("delegated", model, train, continuous)
-
+def test_score_fn_of_an_unknown_corruption_names_the_parametrisation_layer():
     net = LabelEcho()
-    assert mutils.get_score_fn(Corruption(), net, train=True, continuous=True) == (
-        "delegated",
-        net,
-        True,
-        True,
-    )
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="parametrization.py"):
         mutils.get_score_fn(object(), net)
 
 
@@ -480,8 +470,13 @@ def test_bad_config_values_give_clear_errors():
         mutils.create_model(tiny_config(progressive="bogus"))
     with pytest.raises(ValueError, match="nonlinearity"):
         mutils.create_model(tiny_config(nonlinearity="tanh"))
+    import run_lib  # the Fourier / discrete-time contradiction is a config check, before any network is built
+    from configs.ve import cifar10_ncsnpp_continuous
+
+    discrete_fourier = cifar10_ncsnpp_continuous.get_config()
+    discrete_fourier.training.continuous = False
     with pytest.raises(ValueError, match="continuous"):
-        mutils.create_model(tiny_config(embedding_type="fourier", training=dict(continuous=False)))
+        run_lib.validate_config(discrete_fourier)
 
 
 def test_ddpm_model_forward_and_scale_by_sigma():

@@ -7,45 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import VECTORS_DIR
+from conftest import VECTORS_DIR, tiny_config
 
 import run_lib
 import utils
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpmpp
+from configs.presets import set_ddpmpp
 
 VECTORS = VECTORS_DIR
-
-
-def tiny_config(**training):
-    config = set_ddpmpp(get_default_configs())
-    config.device = torch.device("cpu")
-    config.data.dataset = "SHAPES"
-    config.data.image_size = 8
-    config.data.num_train = 64
-    config.data.num_eval = 16
-    model = config.model
-    model.nf = 8
-    model.ch_mult = (1, 2)
-    model.num_res_blocks = 1
-    model.attn_resolutions = (4,)
-    model.dropout = 0.0
-    config.training.batch_size = 8
-    config.eval.batch_size = 8
-    config.training.n_iters = 4
-    config.training.log_freq = 1
-    config.training.eval_freq = 2
-    config.training.snapshot_freq = 2
-    config.training.snapshot_freq_for_preemption = 1
-    config.training.snapshot_sampling = False
-    config.training.st = True
-    config.training.k = 1.0
-    config.training.importance_sampling = True
-    config.optim.warmup = 2
-    config.optim.lr = 1e-3
-    for key, value in training.items():
-        config.training[key] = value
-    return config
 
 
 def flat_state(state):
@@ -118,10 +87,12 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
 
 
 def test_nan_losses_skip_then_stop(tmp_path, monkeypatch):
-    def nan_score(sde, model, train=False, continuous=False):
-        return lambda x, t: model(x, t * 999) * float("nan")
+    import parametrization
 
-    monkeypatch.setattr(run_lib.losses.mutils, "get_score_fn", nan_score)
+    def nan_score(self, x, t):  # the DDPM++'s noise prediction turned NaN (gradients flow through the network)
+        return self.network(x, t) * float("nan")
+
+    monkeypatch.setattr(parametrization.NoisePrediction, "score", nan_score)
     config = tiny_config(n_iters=4, max_nonfinite_steps=3)
     with pytest.raises(RuntimeError, match="3 consecutive"):
         run_lib.train(config, str(tmp_path))
@@ -305,7 +276,7 @@ def test_stf_training_resumes_exactly(tmp_path):
 
 
 def test_blur_corruption_trains_and_samples_from_the_checkpoint_alone(tmp_path):
-    from corruption import default_blur_config
+    from configs.defaults import default_blur_config
 
     config = tiny_config(n_iters=2, corruption="blur", st=False, importance_sampling=False, truncation_time=1e-3)
     config.blur = default_blur_config()
@@ -505,10 +476,10 @@ def test_data_dequantization_drives_training_batches(tmp_path, monkeypatch, mode
     config = tiny_config(n_iters=1)
     config.data.dequantization = mode
     batches = []
-    original = run_lib.losses.get_step_fn_from_config
+    original = run_lib.losses.Objective.step_fn
 
-    def spy(config, sde, train, optimize_fn=None):
-        fn = original(config, sde, train, optimize_fn)
+    def spy(self, train, optimize_fn=None):
+        fn = original(self, train, optimize_fn)
 
         def step(state, batch, reference=None):
             if train:
@@ -517,7 +488,7 @@ def test_data_dequantization_drives_training_batches(tmp_path, monkeypatch, mode
 
         return step
 
-    monkeypatch.setattr(run_lib.losses, "get_step_fn_from_config", spy)
+    monkeypatch.setattr(run_lib.losses.Objective, "step_fn", spy)
     run_lib.train(config, str(tmp_path))
     levels = batches[0].double() * 255.0
     on_grid = torch.allclose(levels, levels.round(), atol=1e-4)

@@ -9,11 +9,11 @@ per check) plus the stated discretisation allowance of the sampler.
 
 import functools
 import math
-import sys
 
 import ml_collections
 import pytest
 import torch
+from conftest import SDE_NAMES, ExactScore, make_sde, use_exact_score
 
 import sampling
 import sde_lib
@@ -26,18 +26,7 @@ SHAPE = (4000, 1, 1, 2)  # [B, C, H, W]; the last axis holds the two data dimens
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_sde(name: str, N: int = 1000):
-    """The four SDEs with their score_sde sampling eps (RVE: its own eps, where sigma = sigma_min)."""
-    if name == "vp":
-        return sde_lib.VPSDE(N=N), 1e-3
-    if name == "subvp":
-        return sde_lib.subVPSDE(N=N), 1e-3
-    if name == "ve":
-        return sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=N), 1e-5
-    return sde_lib.RVESDE(sigma_min=1e-3, sigma_max=50.0, N=N, eps=1e-5), 1e-5
-
-
-SDES = ["vp", "subvp", "ve", "rve"]
+SDES = list(SDE_NAMES)
 
 
 def marginal(sde, t: float):
@@ -110,7 +99,7 @@ def test_latent_image_round_trip(name, monkeypatch):
     torch.manual_seed(1)
     x0 = (MU + S * torch.randn(256, 1, 1, 2, dtype=torch.float64)).to(torch.float32)
     score_fn = gaussian_score_fn(sde)
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: score_fn)
+    use_exact_score(monkeypatch, score_fn)
     flow = sampling.get_ode_flow(sde, rtol=1e-5, atol=1e-5, eps=eps)
     z, nfe_enc = flow.image_to_latent(None, x0)
     x1, nfe_dec = flow.latent_to_image(None, z)
@@ -130,7 +119,7 @@ def test_ode_sampler_counts_and_scales(monkeypatch):
         calls["n"] += 1
         return score_fn(x, t)
 
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: counting)
+    use_exact_score(monkeypatch, counting)
     sampler = sampling.get_ode_sampler(sde, (8, 1, 1, 2), lambda x: 2.0 * x, denoise=True, eps=eps, device="cpu")
     z = prior_latent(sde, 2, (8, 1, 1, 2))
     x, nfe = sampler(None, z=z)
@@ -245,7 +234,7 @@ def test_time_grids():
 def test_fast_samplers_through_model(monkeypatch):
     sde, eps = make_sde("ve")
     score_fn = gaussian_score_fn(sde)
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: score_fn)
+    use_exact_score(monkeypatch, score_fn)
     shape = (16, 1, 1, 2)
     heun = sampling.get_heun_sampler(sde, shape, lambda x: x + 1.0, num_steps=18, eps=eps, device="cpu")
     dpm = sampling.get_dpm_solver_sampler(sde, shape, lambda x: x + 1.0, num_steps=20, eps=eps, device="cpu")
@@ -286,7 +275,7 @@ def test_pc_sampler_moments(name, predictor, corrector, monkeypatch):
     at most 8%, VE/RVE reverse diffusion + Langevin on the narrow dimension; it halves at N = 500)."""
     sde, eps = make_sde(name, N=250)
     score_fn = gaussian_score_fn(sde)
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: score_fn)
+    use_exact_score(monkeypatch, score_fn)
     sampler = sampling.get_pc_sampler(
         sde,
         SHAPE,
@@ -328,17 +317,15 @@ def test_pc_probability_flow_predictor_is_deterministic():
 
 def test_rve_pc_grid_is_uniform_in_log_sigma():
     sde, eps = make_sde("rve")
-    ts = sampling.pc_time_grid(sde, sde.N, eps, "cpu").to(torch.float64)
+    ts = sde.time_grid(sde.N, eps, "cpu").to(torch.float64)
     log_sigma = torch.log(sde.marginal_std(ts))
     steps = log_sigma.diff()
     assert torch.allclose(steps, steps[:1].expand_as(steps), rtol=1e-3)
     assert abs(float(sde.marginal_std(ts[-1:])[0]) - sde.sigma_min) < 1e-6
-    # the predictors' previous time is the next grid time
-    prev = sampling._previous_time(sde, ts[:-1])
-    assert torch.allclose(prev, ts[1:], rtol=1e-6)
-    # SMLD-form predictors step from the last grid time to sigma = 0, as VE's last step
-    prev = sampling._previous_time(sde, ts[-2:], to_zero_at_end=True)
-    assert abs(float(prev[0] - ts[-1])) < 1e-12 and float(prev[1]) == 0.0
+    # the predictors' previous time is the next grid time; from the last grid time they step to sigma = 0, as VE
+    prev = sde.with_num_steps(sde.N, eps).previous_time(ts)
+    assert torch.allclose(prev[:-1], ts[1:], rtol=1e-6)
+    assert float(prev[-1]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -370,7 +357,7 @@ def test_get_sampling_fn_dispatch(monkeypatch):
     sde, eps = make_sde("vp")
     sde.N = 50
     score_fn = gaussian_score_fn(sde)
-    monkeypatch.setattr(sampling, "_score_fn_from_model", lambda sde_, model, continuous: score_fn)
+    use_exact_score(monkeypatch, score_fn)
     shape = (8, 1, 1, 2)
     z = prior_latent(sde, 9, shape)
     expected = {"pc": 50, "heun": 2 * (sampling.heun_num_points(35, False) - 1), "dpm_solver": 35}
@@ -386,6 +373,45 @@ def test_get_sampling_fn_dispatch(monkeypatch):
     assert nfe == 12
 
 
+@pytest.mark.parametrize("name", SDES)
+@pytest.mark.parametrize(
+    "method, fields, direct",
+    [
+        ("edm_stochastic", {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}, "edm"),
+        ("dpm_solver_sde", {"sde_eta": 0.5, "dpm_solver_sde_order": 3, "time_schedule": "edm"}, "dpm"),
+        ("euler_ancestral", {"sde_eta": 0.7, "s_noise": 0.9}, "ancestral"),
+    ],
+)
+def test_stochastic_methods_through_get_sampling_fn(name, method, fields, direct, monkeypatch):
+    """config.sampling.method and the sampler's config fields reach samplers/stochastic.py: the same seed gives
+    the same samples as the direct call with those arguments, on the method's default grid (nfe 20)."""
+    from samplers import stochastic
+
+    sde, eps = make_sde(name)
+    score_fn = gaussian_score_fn(sde)
+    use_exact_score(monkeypatch, score_fn)
+    shape = (64, 1, 1, 2)
+    config = make_config(method, nfe=20, noise_removal=True, **fields)
+    torch.manual_seed(3)
+    x, nfe = sampling.get_sampling_fn(config, sde, shape, lambda v: v, eps)(None)
+    torch.manual_seed(3)
+    z = sde.prior_sampling(shape)
+    denoise_fn = ExactScore(sde, score_fn).denoise
+    schedule = fields.get("time_schedule", "edm" if direct == "edm" else "logsnr")
+    if direct == "edm":
+        grid = sampling.fast_time_grid(sde, stochastic.edm_stochastic_num_points(20, True), eps, schedule)
+        keys = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+        ref, ref_nfe = stochastic.edm_stochastic_sample(sde, denoise_fn, z, grid, **{k: fields[k] for k in keys})
+    elif direct == "dpm":
+        grid = sampling.fast_time_grid(sde, stochastic.dpm_solver_sde_num_points(20, True), eps, schedule)
+        ref, ref_nfe = stochastic.dpm_solver_sde_sample(sde, denoise_fn, z, grid, order=3, eta=0.5, denoise=True)
+    else:
+        grid = sampling.fast_time_grid(sde, stochastic.euler_ancestral_num_points(20, True), eps, schedule)
+        ref, ref_nfe = stochastic.euler_ancestral_sample(sde, denoise_fn, z, grid, eta=0.7, s_noise=0.9)
+    assert nfe == ref_nfe and nfe <= 20
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+
+
 def test_unknown_names_raise():
     sde, eps = make_sde("vp")
     with pytest.raises(ValueError, match="valid names.*dpm_solver"):
@@ -398,19 +424,12 @@ def test_unknown_names_raise():
         sampling.get_sampling_fn(make_config("heun", nfe=1), sde, SHAPE, lambda x: x, eps)
 
 
-def test_missing_soft_diffusion_gives_clear_error(monkeypatch):
-    sde, eps = make_sde("vp")
-    for name in ("naive_blur", "momentum"):
-        monkeypatch.delitem(sampling._SAMPLING_METHODS, name, raising=False)
-    monkeypatch.setitem(sys.modules, "soft_diffusion", None)  # makes `import soft_diffusion` fail
-    with pytest.raises(ValueError, match="soft_diffusion"):
-        sampling.get_sampling_fn(make_config("momentum"), sde, SHAPE, lambda x: x, eps)
-    # built-in methods do not need it
-    sampling.get_sampling_fn(make_config("heun", nfe=9), sde, SHAPE, lambda x: x, eps)
-
-
 def test_register_sampling_method(monkeypatch):
-    monkeypatch.setattr(sampling, "_SAMPLING_METHODS", dict(sampling._SAMPLING_METHODS))
+    import samplers.base
+
+    registry = dict(sampling._SAMPLING_METHODS)  # the registration is undone after the test
+    monkeypatch.setattr(samplers.base, "_SAMPLING_METHODS", registry)
+    monkeypatch.setattr(sampling, "_SAMPLING_METHODS", registry)
     seen = {}
 
     @sampling.register_sampling_method("my_method")
@@ -464,17 +483,12 @@ def test_samplers_through_models_utils(name):
     assert (back - x).abs().max() < 3e-3
 
 
-def test_soft_diffusion_methods_register_lazily(monkeypatch):
-    """'naive_blur' / 'momentum' come from soft_diffusion.py, imported only when asked for."""
-    for name in ("naive_blur", "momentum"):
-        monkeypatch.delitem(sampling._SAMPLING_METHODS, name, raising=False)
-    monkeypatch.delitem(sys.modules, "soft_diffusion", raising=False)
-    sde, eps = make_sde("vp")
-    try:  # a Gaussian SDE is not a blur corruption: the builder may refuse it; registration is what counts
-        sampling.get_sampling_fn(make_config("momentum"), sde, SHAPE, lambda x: x, eps)
-    except ValueError as err:
-        assert "Unknown sampling method" not in str(err)
-    assert {"naive_blur", "momentum"} <= set(sampling._SAMPLING_METHODS)
+def test_soft_diffusion_methods_are_registered():
+    """'naive_blur' / 'momentum' are soft_diffusion.py's builders, registered by sampling.py."""
+    import soft_diffusion
+
+    assert sampling._SAMPLING_METHODS["naive_blur"] is soft_diffusion.build_naive_sampler
+    assert sampling._SAMPLING_METHODS["momentum"] is soft_diffusion.build_momentum_sampler
 
 
 def test_eps_must_be_positive():
@@ -487,3 +501,39 @@ def test_eps_must_be_positive():
     ):
         with pytest.raises(ValueError, match="truncation_time"):
             build()
+
+
+class RecordingNet(GaussianNet):
+    """GaussianNet that records the labels it is called with."""
+
+    def __init__(self, sde):
+        super().__init__(sde)
+        self.labels = []
+
+    def forward(self, x, labels):
+        self.labels.append(labels[0].item())
+        return super().forward(x, labels)
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_pc_num_steps_apart_from_the_network(name):
+    """sampling.num_steps = 50 on a 1000-scale model: 50 evaluations, the samples of the 50-step sampler (same
+    seed), the network's labels those of the 1000-scale SDE at the 50 grid times, and the moments of p_eps
+    (4.5 standard errors + 25%: the 50-step reverse-diffusion chain's discretisation error)."""
+    sde, eps = make_sde(name, N=1000)
+    net = RecordingNet(sde)
+    config = make_config("pc", predictor="reverse_diffusion", num_steps=50)
+    torch.manual_seed(4)
+    x, nfe = sampling.get_sampling_fn(config, sde, SHAPE, lambda v: v, eps)(net)
+    assert nfe == 50 and sde.N == 1000
+    grid = sde.with_num_steps(50, eps).time_grid(50, eps).to(torch.float64)
+    expected = 999.0 * grid if net.is_vp else sde.marginal_std(grid)
+    assert torch.allclose(torch.tensor(net.labels, dtype=torch.float64), expected, rtol=1e-5)
+    sde50, _ = make_sde(name, N=50)
+    torch.manual_seed(4)
+    x50, _ = sampling.get_sampling_fn(make_config("pc", predictor="reverse_diffusion"), sde50, SHAPE, lambda v: v, eps)(
+        GaussianNet(sde50)
+    )
+    torch.testing.assert_close(x, x50)
+    mean, var = marginal(sde, eps)
+    check_moments(x, mean, var, var_allowance=0.25)

@@ -308,15 +308,42 @@ def test_ve_and_rve_smld_discretize():
     sig_rve = np_coeffs("rve", grid)[1]
     np.testing.assert_allclose(rve.discrete_sigmas.numpy(), sig_rve, rtol=1e-5)
     assert rve.discrete_sigmas[0].item() == pytest.approx(1e-3) and rve.discrete_sigmas[-1].item() == 50.0
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    # VE: score_sde's SMLD step on discrete_sigmas, indexed by t (N - 1)
     t = torch.tensor([1e-5, 0.5 / (N - 1), 1.2 / (N - 1), 0.5, 1.0])
     idx = (t.numpy() * (N - 1)).astype(int)
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    for sde, sig in ((ve, sig_ve), (rve, sig_rve)):
-        f, G = sde.discretize(x, t)
-        prev = np.where(idx == 0, 0.0, sig[np.maximum(idx - 1, 0)])
-        assert torch.all(f == 0)
-        # rtol 1e-5: float32 output of a float64 computation (RVE) / of score_sde's float32 sigmas (VE).
-        np.testing.assert_allclose(G.numpy(), np.sqrt(sig[idx] ** 2 - prev**2), rtol=1e-5)
+    f, G = ve.discretize(x, t)
+    prev = np.where(idx == 0, 0.0, sig_ve[np.maximum(idx - 1, 0)])
+    assert torch.all(f == 0)
+    np.testing.assert_allclose(G.numpy(), np.sqrt(sig_ve[idx] ** 2 - prev**2), rtol=1e-5)  # float32 sigmas
+    # RVE: the SMLD step between consecutive times of its sampler grid, uniform in 1/t, to sigma = 0 at the end
+    eps = RVE_ARGS["eps"]
+    inv = np.linspace(1.0, 1.0 / eps, N)
+    ts = 1.0 / inv
+    prev_t = np.append(ts[1:], 0.0)
+    sig = np_coeffs("rve", ts)[1]
+    sig_prev = np.append(np_coeffs("rve", prev_t[:-1])[1], 0.0)
+    f, G = rve.discretize(x[:1].expand(N, 3), torch.tensor(ts, dtype=torch.float64))
+    assert torch.all(f == 0)
+    np.testing.assert_allclose(G.numpy(), np.sqrt(sig**2 - sig_prev**2), rtol=1e-9)
+    np.testing.assert_allclose(rve.time_grid(N, eps).numpy(), ts, rtol=1e-6)
+
+
+def test_with_num_steps_rediscretises_without_touching_the_sde():
+    """with_num_steps(n) is the n-step discretisation (DDPM's betas linspace(b_min/n, b_max/n, n), SMLD's n
+    geometric sigmas); the original keeps its N and the continuous coefficients are the same."""
+    vp = make("vp", 1000)
+    vp50 = vp.with_num_steps(50)
+    assert vp.N == 1000 and vp50.N == 50 and vp.discrete_betas.shape == (1000,)
+    np.testing.assert_allclose(vp50.discrete_betas.numpy(), np.linspace(0.1 / 50, 20.0 / 50, 50), rtol=1e-6)
+    t = torch.tensor([0.3, 0.7], dtype=F64)
+    assert torch.equal(vp50.marginal_std(t), vp.marginal_std(t))
+    ve10 = make("ve", 1000).with_num_steps(10)
+    np.testing.assert_allclose(ve10.discrete_sigmas.numpy(), np.geomspace(0.01, 50.0, 10), rtol=1e-5)
+    rve = make("rve", 1000).with_num_steps(20, eps=1e-3)
+    assert rve.grid_eps == 1e-3 and float(rve.previous_time(rve.time_grid(20, 1e-3))[-2]) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="num_steps"):
+        vp.with_num_steps(0)
 
 
 def test_subvp_euler_discretize():

@@ -35,6 +35,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_sde
 
 import likelihood
 import losses
@@ -179,10 +180,7 @@ def bpd_of(sde, model, x: torch.Tensor, inverse_scaler=inverse_centered, tol: fl
     return bpd.double()
 
 
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, N=1000),
-    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=1000),
-}
+SDES = {name: (lambda name=name: make_sde(name, sigma_max=20.0)[0]) for name in ("vp", "ve")}
 
 
 @pytest.mark.parametrize("name", ["vp", "ve"])

@@ -1,7 +1,7 @@
 """Soft Truncation repository (legacy UNCSN file): NCSN++ with the reciprocal VE SDE ('rve-sde') on LSUN bedroom
 256, eta = s_min = 1e-3, s_max = 378, no Soft Truncation."""
 
-from configs.st_presets import uncsn_legacy, ve_256_base
+from configs.presets import uncsn_legacy, ve_256_base
 
 
 def get_config():

@@ -1,8 +1,7 @@
 """score_sde: NCSN++ (VE, continuous) on CelebA-HQ 256."""
 
 from configs.default_lsun_configs import get_default_configs
-from configs.model_presets import set_ncsnpp_256
-from configs.ve import set_continuous_ve_pc
+from configs.presets import set_continuous_ve_pc, set_ncsnpp_256
 
 
 def get_config():

@@ -1,8 +1,7 @@
 """score_sde: NCSN++ (VE, continuous) on CelebA-HQ 1024 (nf 16, 8 resolutions, sigma_max 1348)."""
 
 from configs.default_lsun_configs import get_default_configs
-from configs.model_presets import set_ncsnpp_1024
-from configs.ve import set_continuous_ve_pc
+from configs.presets import set_continuous_ve_pc, set_ncsnpp_1024
 
 
 def get_config():

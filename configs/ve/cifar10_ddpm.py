@@ -1,7 +1,7 @@
 """score_sde: the original DDPM network trained with SMLD (discrete VE) on CIFAR-10, output divided by sigma."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpm
+from configs.presets import set_ddpm
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """score_sde: NCSN++ trained with SMLD (discrete VE, positional embedding of the noise level) on CIFAR-10."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ncsnpp
+from configs.presets import set_ncsnpp
 
 
 def set_smld_ncsnpp(config):

@@ -2,7 +2,7 @@
 VE SDE ('rve-sde') on CIFAR-10, eta = s_min = 1e-5, likelihood weighting by importance sampling, no Soft
 Truncation."""
 
-from configs.st_presets import uncsn_cifar10
+from configs.presets import uncsn_cifar10
 
 
 def get_config():

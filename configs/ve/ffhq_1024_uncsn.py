@@ -2,8 +2,7 @@
 eta = s_min = 1e-4, s_max = 1348: score_sde's 1024 px network (nf 16, 8 resolutions), batch 16, loss averaged
 over dimensions, checkpoints from 1 sampled in batches of 40 without the eval loss."""
 
-from configs.model_presets import set_ncsnpp_1024
-from configs.st_presets import uncsn_legacy, ve_256_base
+from configs.presets import set_ncsnpp_1024, uncsn_legacy, ve_256_base
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """score_sde: DDPM++ (VP, continuous) on CIFAR-10, variance weighting, PC sampler (Euler-Maruyama)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpmpp
+from configs.presets import set_ddpmpp
 
 
 def get_config():

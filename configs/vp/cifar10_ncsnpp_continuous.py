@@ -1,7 +1,7 @@
 """score_sde: NCSN++ with the continuous VP SDE on CIFAR-10 (positional time embedding, no sigma scaling)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ncsnpp
+from configs.presets import set_ncsnpp
 
 
 def get_config():

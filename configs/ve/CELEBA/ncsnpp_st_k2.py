@@ -1,7 +1,7 @@
 """NCSN++ (VE) + Soft Truncation on CelebA 64 as the paper describes it: ve/CELEBA/ncsnpp_st with tau ~ P_k,
 k = 2, really drawn for the VE SDE (the released run trained on the fixed [eps, 1])."""
 
-from configs.st_presets import st_for_ve
+from configs.presets import st_for_ve
 from configs.ve.CELEBA import ncsnpp_st
 
 

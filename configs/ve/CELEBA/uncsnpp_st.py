@@ -6,7 +6,7 @@ RVE (training.st_vp_only = True). ve/CELEBA/uncsnpp_st_rve.py is the UNCSN++ of 
 """
 
 from configs.default_celeba_configs import get_default_configs
-from configs.st_presets import celeba_schedule, reciprocal_ve, ve_base
+from configs.presets import celeba_schedule, reciprocal_ve, ve_base
 
 
 def get_config():

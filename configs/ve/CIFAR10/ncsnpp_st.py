@@ -5,7 +5,7 @@ fixed [eps, 1]); ve/CIFAR10/ncsnpp_st_k2.py applies Soft Truncation with k = 2.
 """
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import ve_base
+from configs.presets import ve_base
 
 
 def get_config():

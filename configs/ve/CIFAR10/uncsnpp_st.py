@@ -7,7 +7,7 @@ ve/CIFAR10/uncsnpp_st_rve.py is the UNCSN++ of the paper (bounded embedding, ST 
 """
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import reciprocal_ve, ve_base
+from configs.presets import reciprocal_ve, ve_base
 
 
 def get_config():

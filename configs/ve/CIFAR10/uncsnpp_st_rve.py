@@ -2,7 +2,7 @@
 noise embedding u(sigma) in use and tau ~ P_k, k = 2, drawn for the reciprocal VE SDE (train it anew: its
 network is not the released checkpoint's)."""
 
-from configs.st_presets import uncsnpp_rve
+from configs.presets import uncsnpp_rve
 from configs.ve.CIFAR10 import uncsnpp_st
 
 

@@ -6,7 +6,7 @@ never drawn for VE (training.st_vp_only = True). Use it to evaluate the released
 ve/celebahq/uncsnpp_st_rve.py is the reciprocal VE SDE the name promises.
 """
 
-from configs.st_presets import ve_256_base
+from configs.presets import ve_256_base
 
 
 def get_config():

@@ -2,7 +2,7 @@
 reciprocal VE SDE its name promises (s_min kept at the file's 0.01), the bounded noise embedding u(sigma) in use and
 tau ~ P_k, k = 2, really drawn (train it anew: the released run is ve/celebahq/uncsnpp_st)."""
 
-from configs.st_presets import uncsnpp_rve
+from configs.presets import uncsnpp_rve
 from configs.ve.celebahq import uncsnpp_st
 
 

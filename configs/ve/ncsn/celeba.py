@@ -6,7 +6,7 @@ what trains (training.sde = 'vesde').
 """
 
 from configs.default_celeba_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn_v1_schedule
+from configs.presets import set_ncsn_v1_schedule
 
 
 def get_config():

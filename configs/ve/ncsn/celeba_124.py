@@ -1,7 +1,7 @@
 """score_sde: NCSN on CelebA 64 with NCSNv2's techniques 1, 2, 4 (sigma_max 90, 500 noise levels, 5 steps each)."""
 
 from configs.default_celeba_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.presets import set_ncsn
 
 
 def get_config():

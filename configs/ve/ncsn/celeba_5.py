@@ -1,7 +1,7 @@
 """score_sde: NCSN on CelebA 64 with NCSNv2's technique 5 only (EMA of the weights)."""
 
 from configs.default_celeba_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn_v1_schedule
+from configs.presets import set_ncsn_v1_schedule
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """score_sde: NCSN on CIFAR-10 with NCSNv2's techniques 1, 2, 4, 5 (232 noise levels, EMA 0.999)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.presets import set_ncsn
 
 
 def get_config():

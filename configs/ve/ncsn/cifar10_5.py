@@ -1,7 +1,7 @@
 """score_sde: NCSN on CIFAR-10 with NCSNv2's technique 5 only (EMA of the weights)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn_v1_schedule
+from configs.presets import set_ncsn_v1_schedule
 
 
 def get_config():

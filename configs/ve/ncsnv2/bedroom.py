@@ -6,7 +6,7 @@ value held here: the NCSN v2 network takes noise-level indices, so train or samp
 """
 
 from configs.default_lsun_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.presets import set_ncsn
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """score_sde: NCSNv2 on CelebA 64 (sigma 90 -> 0.01 over 500 levels, output divided by sigma, Adam 1e-4)."""
 
 from configs.default_celeba_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.presets import set_ncsn
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """score_sde: NCSNv2 on CIFAR-10 (sigma 50 -> 0.01 over 232 levels, output divided by sigma, Adam 1e-4)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.ve.ncsn import set_ncsn
+from configs.presets import set_ncsn
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """UDDPM++ (VP, NLL) + ST on CelebA 64."""
 
 from configs.default_celeba_configs import get_default_configs
-from configs.st_presets import celeba_schedule, vp_base
+from configs.presets import celeba_schedule, vp_base
 
 
 def get_config():

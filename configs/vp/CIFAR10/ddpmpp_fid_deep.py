@@ -1,7 +1,7 @@
 """Baseline without ST: DDPM++ deep (VP, FID)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import vp_base
+from configs.presets import vp_base
 
 
 def get_config():

@@ -2,7 +2,7 @@
 uniform time with weight 100)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import deepest_ddpmpp, vp_base
+from configs.presets import deepest_ddpmpp, vp_base
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Baseline without ST: DDPM++ (VP) with likelihood weighting (importance sampled), fixed eps = 1e-5."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import vp_base
+from configs.presets import vp_base
 
 
 def get_config():

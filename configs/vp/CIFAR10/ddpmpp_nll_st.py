@@ -1,7 +1,7 @@
 """DDPM++ (VP, NLL) + ST on CIFAR-10: k = 1, importance sampling, eps = 1e-5 (Soft Truncation README)."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import vp_base
+from configs.presets import vp_base
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """DDPM++ deepest (VP, NLL) + ST on CIFAR-10: k = 2, mixed and balanced mode."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.st_presets import deepest_ddpmpp, vp_base
+from configs.presets import deepest_ddpmpp, vp_base
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Baseline without ST: DDPM++ (VP, NLL), eps = 5e-5 on ImageNet 32x32 (dropout 0)."""
 
 from configs.default_imagenet32_configs import get_default_configs
-from configs.st_presets import vp_base
+from configs.presets import vp_base
 
 
 def get_config():

@@ -2,7 +2,7 @@
 lr 2e-5."""
 
 from configs.default_lsun_configs import get_default_configs
-from configs.model_presets import set_ddpm
+from configs.presets import set_ddpm
 from configs.vp.ddpm.cifar10 import set_discrete_vp
 
 

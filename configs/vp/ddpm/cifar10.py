@@ -1,7 +1,7 @@
 """score_sde: DDPM reproduced (discrete VP, the original network), ancestral sampling, on CIFAR-10."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpm
+from configs.presets import set_ddpm
 
 
 def set_discrete_vp(config):

@@ -1,7 +1,7 @@
 """score_sde: the original DDPM network (Ho et al. 2020) trained with the continuous VP SDE on CIFAR-10."""
 
 from configs.default_cifar10_configs import get_default_configs
-from configs.model_presets import set_ddpm
+from configs.presets import set_ddpm
 
 
 def get_config():

@@ -1,10 +1,17 @@
-"""Shared settings of the Soft Truncation repository's experiment configs (Kim et al. 2022).
+"""Every preset a config file starts from, in one place (config files import this module, never library code).
 
-`vp_base` is its DDPM++ (VP) setting, `ve_base` its NCSN++ (VE/RVE) setting; the files under configs/vp/<DATA>/
-and configs/ve/<DATA>/ start from one of them and change only what the original file changes, so each file at an
-original path holds the original's value in every field it defines (tests/test_configs.py). The improvements this
-project makes over the released runs live in files of their own, built with `st_for_ve` and `uncsnpp_rve`
-(README, "Configs").
+- The two network presets of score_sde (Song et al. 2021, Table 3): `set_ddpmpp` (DDPM++, VP / sub-VP) and
+  `set_ncsnpp` / `set_ncsnpp_256` (NCSN++, VE / RVE), plus `set_ddpm`; each sets every model field of the released
+  configs, and a config file overrides what differs.
+- score_sde's VE sampling (`set_continuous_ve_pc`) and its NCSN / NCSNv2 training (`set_ncsn`,
+  `set_ncsn_v1_schedule`).
+- The Soft Truncation repository's experiment settings (Kim et al. 2022): `vp_base` (its DDPM++ setting) and
+  `ve_base` (its NCSN++ VE / RVE setting); the files under configs/vp/<DATA>/ and configs/ve/<DATA>/ start from
+  one of them and change only what the original file changes, so each file at an original path holds the
+  original's value in every field it defines (tests/test_configs.py). This project's improvements over the
+  released runs live in files of their own, built with `st_for_ve` and `uncsnpp_rve` (README, "Configs").
+
+The blur section's defaults are configs.defaults.default_blur_config (the config boundary).
 """
 
 from collections.abc import Callable
@@ -12,7 +19,156 @@ from collections.abc import Callable
 import ml_collections
 
 from configs import default_cifar10_configs, default_lsun_configs
-from configs.model_presets import set_ddpmpp, set_ncsnpp, set_ncsnpp_256
+
+# --------------------------------------------------------------------------------------------------------------
+# Network presets (score_sde)
+
+
+def _set_unet(config: ml_collections.ConfigDict, name: str, num_res_blocks: int) -> ml_collections.ConfigDict:
+    """The U-Net fields DDPM, DDPM++ and NCSN++ share in score_sde's configs (noise-predicting, EMA 0.9999)."""
+    model = config.model
+    model.name = name
+    model.scale_by_sigma = False
+    model.ema_rate = 0.9999
+    model.normalization = "GroupNorm"
+    model.nonlinearity = "swish"
+    model.nf = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = num_res_blocks
+    model.attn_resolutions = (16,)
+    model.resamp_with_conv = True
+    model.conditional = True
+    config.data.centered = True
+    return config
+
+
+def set_ddpmpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DDPM++ (continuous): positional time embedding, noise-predicting output, no FIR, no progressive paths."""
+    _set_unet(config, "ncsnpp", num_res_blocks=4)
+    model = config.model
+    model.fir = False
+    model.fir_kernel = [1, 3, 3, 1]
+    model.skip_rescale = True
+    model.resblock_type = "biggan"
+    model.progressive = "none"
+    model.progressive_input = "none"
+    model.progressive_combine = "sum"
+    model.attention_type = "ddpm"
+    model.init_scale = 0.0
+    model.embedding_type = "positional"
+    model.fourier_scale = 16
+    model.conv_size = 3
+    # Soft Truncation network options (defaults reproduce the score_sde layout)
+    model.embedding_dim = 0  # used with lsgm=True: time-embedding width independent of nf
+    model.lsgm = False
+    model.auxiliary_resblock = True
+    model.attention = True
+    return config
+
+
+def set_ncsnpp(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN++ (continuous): Gaussian Fourier embedding of sigma, output divided by sigma, FIR, residual input path."""
+    set_ddpmpp(config)
+    model = config.model
+    model.scale_by_sigma = True
+    model.ema_rate = 0.999
+    model.fir = True
+    model.progressive_input = "residual"
+    model.embedding_type = "fourier"
+    config.data.centered = False
+    return config
+
+
+def set_ddpm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The original DDPM network (Ho et al. 2020) as score_sde configures it for VP / sub-VP: 2 blocks, EMA 0.9999."""
+    return _set_unet(config, "ddpm", num_res_blocks=2)
+
+
+def set_ncsnpp_256(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN++ as score_sde configures it for 256 px: no dropout, ch_mult (1, 1, 2, 2, 2, 2, 2), 2 blocks per
+    resolution, output_skip / input_skip progressive paths."""
+    set_ncsnpp(config)
+    model = config.model
+    model.dropout = 0.0
+    model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.progressive = "output_skip"
+    model.progressive_input = "input_skip"
+    return config
+
+
+def set_ncsnpp_1024(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN++ as score_sde configures it for 1024 px: nf 16, ch_mult (1, 2, 4, 8, 16, 32, 32, 32), 1 block per
+    resolution, EMA 0.9999, batch 8, snr 0.15, checkpoints evaluated from 1 in batches of 1024."""
+    set_ncsnpp_256(config)
+    model = config.model
+    model.nf = 16
+    model.ch_mult = (1, 2, 4, 8, 16, 32, 32, 32)
+    model.num_res_blocks = 1
+    model.ema_rate = 0.9999
+    config.data.image_size = 1024
+    config.training.batch_size = 8
+    config.sampling.snr = 0.15
+    config.eval.begin_ckpt = 1
+    config.eval.batch_size = 1024
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# score_sde's VE and NCSN settings
+
+
+def set_continuous_ve_pc(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Continuous VE SDE sampled with PC: reverse diffusion predictor + Langevin corrector (score_sde)."""
+    config.training.sde = "vesde"
+    config.training.continuous = True
+    config.sampling.method = "pc"
+    config.sampling.predictor = "reverse_diffusion"
+    config.sampling.corrector = "langevin"
+    return config
+
+
+def set_ncsn(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """NCSN as score_sde trains it: discrete VE (SMLD), annealed Langevin sampling, InstanceNorm++, Adam 1e-3."""
+    training = config.training
+    training.sde = "vesde"
+    training.continuous = False
+    sampling = config.sampling
+    sampling.method = "pc"
+    sampling.predictor = "none"
+    sampling.corrector = "ald"
+    model = config.model
+    model.name = "ncsn"
+    model.scale_by_sigma = False
+    model.normalization = "InstanceNorm++"
+    model.nonlinearity = "elu"
+    model.nf = 128
+    model.interpolation = "bilinear"
+    optim = config.optim
+    optim.weight_decay = 0
+    optim.optimizer = "Adam"
+    optim.lr = 1e-3
+    optim.beta1 = 0.9
+    optim.amsgrad = False
+    optim.eps = 1e-8
+    optim.warmup = 0
+    optim.grad_clip = -1.0  # no clipping
+    return config
+
+
+def set_ncsn_v1_schedule(config: ml_collections.ConfigDict, ema_rate: float) -> ml_collections.ConfigDict:
+    """NCSN (v1) as published: 10 noise levels from sigma 1 to 0.01, 100 Langevin steps each at snr 0.316."""
+    set_ncsn(config)
+    config.sampling.n_steps_each = 100
+    config.sampling.snr = 0.316
+    config.model.sigma_max = 1
+    config.model.num_scales = 10
+    config.model.ema_rate = ema_rate
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Soft Truncation repository's settings
 
 # (training.num_train_data, eval.num_test_data) of the ST repository's defaults. Its 256 px defaults copy CelebA's
 # training-set size (its code checks the number for ImageNet only) and define no test-set size (0 here: all).
