@@ -26,6 +26,7 @@ from samplers.base import (  # noqa: F401  (public API)
     _PREDICTORS,
     _SAMPLING_METHODS,
     CountingScoreFn,
+    ScoreFn,
     get_corrector,
     get_predictor,
     make_sampling_fn,
