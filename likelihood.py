@@ -36,6 +36,7 @@ import torch
 
 import parametrization
 from samplers.ode import adaptive_solver_options, probability_flow_drift
+from sde_lib import broadcast_to
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,11 +52,6 @@ _TRUNCATIONS = ("plain", "exact")
 def _sum_except_batch(x: torch.Tensor) -> torch.Tensor:
     """sum_i x[b, i] over every non-batch dimension."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample vector [B] to broadcast against x [B, ...]."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def alpha_and_std(sde, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +133,7 @@ def gaussian_decoder(
     """The truncation decoder q(x0 | x_eps) = N(mean, std^2 I): mean = (x_eps + sigma^2 s(x_eps, eps)) / alpha,
     std = sigma / alpha [B] (Tweedie's denoiser; the Soft Truncation repository's 'scoreflow' variance)."""
     alpha, std = alpha_and_std(sde, t_eps)
-    mean = (x_eps + _bcast(std, x_eps) ** 2 * score_fn(x_eps, t_eps)) / _bcast(alpha, x_eps)
+    mean = (x_eps + broadcast_to(std, x_eps) ** 2 * score_fn(x_eps, t_eps)) / broadcast_to(alpha, x_eps)
     return mean, std / alpha
 
 
@@ -147,7 +143,7 @@ def lossless_decoder_nll(
     """-sum_i log Q(x0_i) [B] of 8-bit data x0 (model range) under the decoder N(mean, std^2) discretized to
     the 256 levels, evaluated in [-1, 1] coordinates (x -> a x + b, std -> a std, a and b of to_pm1_affine)."""
     a, b = to_pm1_affine(inverse_scaler)
-    log_scales = torch.log(a * _bcast(std, x0)).expand_as(x0)
+    log_scales = torch.log(a * broadcast_to(std, x0)).expand_as(x0)
     log_q = discretized_gaussian_log_likelihood(a * x0 + b, a * mean + b, log_scales)
     return -_sum_except_batch(log_q)
 
@@ -163,7 +159,7 @@ def lossless_residual_nats(
     """(x_eps, R_hat): x_eps = alpha x0 + sigma z and R_hat = -log Q(x0 | x_eps) - H(p_0eps(. | x0)) with the
     discretized decoder Q (lossless_decoder_nll), an unbiased estimate of the lossless residual."""
     alpha, std = alpha_and_std(sde, t_eps)
-    x_eps = _bcast(alpha, x0) * x0 + _bcast(std, x0) * z
+    x_eps = broadcast_to(alpha, x0) * x0 + broadcast_to(std, x0) * z
     with torch.no_grad():
         mean, q_std = gaussian_decoder(sde, score_fn, x_eps, t_eps)
     nll = lossless_decoder_nll(x0, mean, q_std, inverse_scaler)
@@ -333,9 +329,9 @@ def residual_nats(
     so the estimate is -D log alpha + (sigma^2 ||s||^2 + 2 sigma s.z) / 2 (lower variance, same mean).
     """
     alpha, std = alpha_and_std(sde, t_eps)
-    x_eps = _bcast(alpha, x0) * x0 + _bcast(std, x0) * z
+    x_eps = broadcast_to(alpha, x0) * x0 + broadcast_to(std, x0) * z
     with torch.no_grad():
-        sigma_s = _bcast(std, x0) * score_fn(x_eps, t_eps)
+        sigma_s = broadcast_to(std, x0) * score_fn(x_eps, t_eps)
     num_dims = x0[0].numel()
     quad = _sum_except_batch(sigma_s**2 + 2.0 * sigma_s * z)
     return x_eps, -num_dims * torch.log(alpha) + 0.5 * quad
@@ -462,13 +458,13 @@ def prior_cross_entropy(sde, x0: torch.Tensor, num_samples: int = 16) -> torch.T
     batch = x0.shape[0]
     t_T = torch.full((batch,), sde.T, dtype=x0.dtype, device=x0.device)
     alpha_T, std_T = alpha_and_std(sde, t_T)
-    mean_T = _bcast(alpha_T, x0) * x0
+    mean_T = broadcast_to(alpha_T, x0) * x0
     c2 = _gaussian_prior_var(sde, x0)
     if c2 is not None:
         return -sde.prior_logp(mean_T) + x0[0].numel() * std_T**2 / (2.0 * c2)
     total = torch.zeros(batch, dtype=x0.dtype, device=x0.device)
     for _ in range(num_samples):
-        total = total - sde.prior_logp(mean_T + _bcast(std_T, x0) * torch.randn_like(x0))
+        total = total - sde.prior_logp(mean_T + broadcast_to(std_T, x0) * torch.randn_like(x0))
     return total / num_samples
 
 
@@ -529,9 +525,9 @@ def nelbo(
         term = torch.zeros(batch, dtype=torch.float64, device=device)
         for sign in signs:
             zs = sign * z
-            x_t = _bcast(alpha, x0) * x0 + _bcast(std, x0) * zs
+            x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(std, x0) * zs
             with torch.no_grad():
-                sq = _sum_except_batch((_bcast(std, x0) * score_fn(x_t, t) + zs) ** 2).double()
+                sq = _sum_except_batch((broadcast_to(std, x0) * score_fn(x_t, t) + zs) ** 2).double()
             term = term + sq - num_dims - w_cv * (_sum_except_batch(zs**2).double() - num_dims)
         diffusion = diffusion + 0.5 * weight * term / len(signs)
     diffusion = diffusion / num_t

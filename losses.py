@@ -36,6 +36,7 @@ import parametrization
 import sde_lib
 from configs.defaults import complete_config
 from models import utils as mutils
+from sde_lib import broadcast_to
 
 WEIGHTINGS = ("variance", "likelihood", "importance", "x0")
 LOSS_CONVENTIONS = {"score_sde": 1.0, "soft_truncation": 0.5}
@@ -170,10 +171,6 @@ def stf_noise_target(x_t: torch.Tensor, z: torch.Tensor, alpha, std, reference) 
     return stf.stf_noise_target(x_t, alpha, std, reference)
 
 
-def _broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
-
-
 def reconstruction_term(
     sde,
     score_fn: Callable,
@@ -189,7 +186,7 @@ def reconstruction_term(
 
     t = torch.full((x0.shape[0],), float(tau), device=x0.device, dtype=x0.dtype)
     alpha, std = likelihood.alpha_and_std(sde, t)
-    x_tau = _broadcast(alpha, x0) * x0 + _broadcast(std, x0) * torch.randn_like(
+    x_tau = broadcast_to(alpha, x0) * x0 + broadcast_to(std, x0) * torch.randn_like(
         x0, memory_format=torch.contiguous_format
     )
     q_mean, q_std = likelihood.gaussian_decoder(sde, score_fn, x_tau, t)
@@ -247,11 +244,11 @@ def get_per_sample_loss_fn(
         t, is_factor = sample_time(sde, batch.shape[0], tau_, importance_t, batch.device)
         z = torch.randn_like(batch, memory_format=torch.contiguous_format)  # the same noise in any memory format
         mean, std = sde.marginal_prob(batch, t)
-        x_t = mean + _broadcast(std, batch) * z
+        x_t = mean + broadcast_to(std, batch) * z
         alpha = _mean_coefficient(sde, t)
         eps_target = target_fn(x_t, z, alpha, std, reference)
         score = score_fn(x_t, t)
-        residual = torch.square(score * _broadcast(std, batch) + eps_target)
+        residual = torch.square(score * broadcast_to(std, batch) + eps_target)
         losses = loss_weight(sde, weighting, t, std, is_factor) * reduce_op(
             residual.reshape(residual.shape[0], -1), dim=-1
         )
@@ -297,9 +294,9 @@ def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
         model_fn = mutils.get_model_fn(model, train=train)
         labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
         sigmas = smld_sigma_array.to(batch.device)[labels]
-        noise = torch.randn_like(batch, memory_format=torch.contiguous_format) * _broadcast(sigmas, batch)
+        noise = torch.randn_like(batch, memory_format=torch.contiguous_format) * broadcast_to(sigmas, batch)
         score = model_fn(noise + batch, labels)
-        target = -noise / _broadcast(sigmas**2, batch)
+        target = -noise / broadcast_to(sigmas**2, batch)
         losses = torch.square(score - target)
         losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas**2
         return torch.mean(losses)
@@ -319,7 +316,7 @@ def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True) -> Callable:
         sqrt_ac = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
         sqrt_1m_ac = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
         noise = torch.randn_like(batch, memory_format=torch.contiguous_format)
-        perturbed = _broadcast(sqrt_ac, batch) * batch + _broadcast(sqrt_1m_ac, batch) * noise
+        perturbed = broadcast_to(sqrt_ac, batch) * batch + broadcast_to(sqrt_1m_ac, batch) * noise
         losses = torch.square(model_fn(perturbed, labels) - noise)
         return torch.mean(reduce_op(losses.reshape(losses.shape[0], -1), dim=-1))
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 import sde_lib
+from sde_lib import broadcast_to  # noqa: F401  (also public here)
 
 Tensor = torch.Tensor
 
@@ -38,11 +39,6 @@ UNCSN_SIGMA_OFFSET = 1e-4  # u(sigma) = -c1 / (sigma + offset) + c2 below it
 
 # ----------------------------------------------------------------------------------------------------------------
 # Label transforms (pure functions)
-
-
-def broadcast_to(v: Tensor, x: Tensor) -> Tensor:
-    """A per-sample vector v [B] reshaped to broadcast against x [B, ...]."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def vp_integrated_beta(t: Tensor, beta_min: float, beta_max: float) -> Tensor:

@@ -27,11 +27,12 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample tensor v [B] so that it broadcasts against x [B, ...]."""
+def broadcast_to(v: Tensor, x: Tensor) -> Tensor:
+    """A per-sample tensor v [B] reshaped to broadcast against x [B, ...] (a 0-dim v as it is); the one helper
+    of the project for this."""
     if v.ndim == 0:
         return v
-    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _wide_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -279,7 +280,7 @@ class SDE(abc.ABC):
                 drift, diffusion = sde_fn(x, t)
                 score = score_fn(x, t)
                 coef = 0.5 if self.probability_flow else 1.0
-                drift = drift - _bcast(diffusion, x) ** 2 * score * coef
+                drift = drift - broadcast_to(diffusion, x) ** 2 * score * coef
                 diffusion = torch.zeros_like(diffusion) if self.probability_flow else diffusion
                 return drift, diffusion
 
@@ -287,7 +288,7 @@ class SDE(abc.ABC):
                 """Reverse step: rev_f = f - G^2 s (times 1/2 for the ODE), rev_G = G (0 for the ODE)."""
                 f, G = discretize_fn(x, t)
                 coef = 0.5 if self.probability_flow else 1.0
-                rev_f = f - _bcast(G, x) ** 2 * score_fn(x, t) * coef
+                rev_f = f - broadcast_to(G, x) ** 2 * score_fn(x, t) * coef
                 rev_G = torch.zeros_like(G) if self.probability_flow else G
                 return rev_f, rev_G
 
@@ -358,11 +359,11 @@ class VPSDE(SDE):
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """f = -beta(t) x / 2, g = sqrt(beta(t))."""
         beta_t = self.beta(t)
-        return -0.5 * _bcast(beta_t, x) * x, torch.sqrt(beta_t)
+        return -0.5 * broadcast_to(beta_t, x) * x, torch.sqrt(beta_t)
 
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """mean = exp(-B/2) x, std = sqrt(1 - exp(-B))."""
-        return _bcast(self.alpha(t), x) * x, self.marginal_std(t)
+        return broadcast_to(self.alpha(t), x) * x, self.marginal_std(t)
 
     def prior_sampling(self, shape, device=None, generator=None) -> Tensor:
         """z ~ N(0, I)."""
@@ -383,7 +384,7 @@ class VPSDE(SDE):
         timestep = (t * (self.N - 1) / self.T).long()
         beta = self.discrete_betas.to(x.device)[timestep]
         alpha = self.alphas.to(x.device)[timestep]
-        f = _bcast(torch.sqrt(alpha), x) * x - x
+        f = broadcast_to(torch.sqrt(alpha), x) * x - x
         G = torch.sqrt(beta)
         return f, G
 
@@ -469,11 +470,11 @@ class subVPSDE(SDE):
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """f = -beta x / 2, g = sqrt(beta (1 - exp(-2B)))."""
         beta_t = self.beta(t)
-        return -0.5 * _bcast(beta_t, x) * x, torch.sqrt(self.diffusion_sq(t))
+        return -0.5 * broadcast_to(beta_t, x) * x, torch.sqrt(self.diffusion_sq(t))
 
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """mean = exp(-B/2) x, std = 1 - exp(-B)."""
-        return _bcast(self.alpha(t), x) * x, self.marginal_std(t)
+        return broadcast_to(self.alpha(t), x) * x, self.marginal_std(t)
 
     def prior_sampling(self, shape, device=None, generator=None) -> Tensor:
         """z ~ N(0, I)."""

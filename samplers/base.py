@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 import parametrization
+from sde_lib import broadcast_to  # noqa: F401  (the samplers' per-sample broadcast)
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SamplingLoop = Callable[[parametrization.Parametrization, torch.Tensor], tuple[torch.Tensor, int]]
@@ -91,11 +92,6 @@ def check_eps(eps: float, sde) -> None:
             f"in (0, {T}); got {eps}. At eps = 0 sigma(0) = 0 and the score diverges: set a positive "
             "config.sampling.truncation_time, or leave it unset for score_sde's default."
         )
-
-
-def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample vector [B] to broadcast against x [B, ...]."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class CountingScoreFn:

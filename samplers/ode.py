@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from models.utils import get_score_fn
-from samplers.base import CountingScoreFn, ScoreFn, bcast, check_eps, make_sampling_fn
+from samplers.base import CountingScoreFn, ScoreFn, broadcast_to, check_eps, make_sampling_fn
 
 # torchdiffeq method names accepted by the ODE solvers, with scipy's names as aliases.
 _ODE_METHODS = {
@@ -49,7 +49,7 @@ def probability_flow_drift(sde, score_fn: ScoreFn, lambda_: float = 0.0) -> Call
 
     def drift_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         drift, diffusion = sde.sde(x, t)
-        return drift - weight * bcast(diffusion, x) ** 2 * score_fn(x, t)
+        return drift - weight * broadcast_to(diffusion, x) ** 2 * score_fn(x, t)
 
     return drift_fn
 

@@ -15,7 +15,7 @@ from models.utils import get_score_fn
 from samplers.base import (
     CountingScoreFn,
     ScoreFn,
-    bcast,
+    broadcast_to,
     check_eps,
     make_sampling_fn,
     register_corrector,
@@ -83,13 +83,13 @@ class EulerMaruyamaPredictor(Predictor):
     def update_fn(self, x, t):
         dt = self.sde.reverse_time_step(t)
         if isinstance(dt, torch.Tensor):
-            dt = bcast(dt, x)
+            dt = broadcast_to(dt, x)
         z = torch.randn_like(x)
         drift, diffusion = self.rsde.sde(x, t)
         x_mean = x + drift * dt
         if self.probability_flow:
             return x_mean, x_mean
-        x = x_mean + bcast(diffusion, x) * torch.sqrt(torch.as_tensor(-dt, dtype=x.dtype, device=x.device)) * z
+        x = x_mean + broadcast_to(diffusion, x) * torch.sqrt(torch.as_tensor(-dt, dtype=x.dtype, device=x.device)) * z
         return x, x_mean
 
 
@@ -102,7 +102,7 @@ class ReverseDiffusionPredictor(Predictor):
         f, G = self.rsde.discretize(x, t)
         z = torch.randn_like(x)
         x_mean = x - f
-        x = x_mean + bcast(G, x) * z
+        x = x_mean + broadcast_to(G, x) * z
         return x, x_mean
 
 
@@ -120,9 +120,9 @@ class AncestralSamplingPredictor(Predictor):
     def update_fn(self, x, t):
         a, v, w = self.sde.ancestral_coefficients(t)
         score = self.score_fn(x, t)
-        x_mean = (x + bcast(v, x) * score) / bcast(a, x)
+        x_mean = (x + broadcast_to(v, x) * score) / broadcast_to(a, x)
         noise = torch.randn_like(x)
-        x = x_mean + bcast(torch.sqrt(w), x) * noise
+        x = x_mean + broadcast_to(torch.sqrt(w), x) * noise
         return x, x_mean
 
 
@@ -154,8 +154,8 @@ class LangevinCorrector(Corrector):
             grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
             noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
             step_size = (target_snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-            x_mean = x + bcast(step_size, x) * grad
-            x = x_mean + bcast(torch.sqrt(step_size * 2), x) * noise
+            x_mean = x + broadcast_to(step_size, x) * grad
+            x = x_mean + broadcast_to(torch.sqrt(step_size * 2), x) * noise
 
         return x, x_mean
 
@@ -176,8 +176,8 @@ class AnnealedLangevinDynamics(Corrector):
             grad = score_fn(x, t)
             noise = torch.randn_like(x)
             step_size = (target_snr * std) ** 2 * 2 * alpha
-            x_mean = x + bcast(step_size, x) * grad
-            x = x_mean + bcast(torch.sqrt(step_size * 2), x) * noise
+            x_mean = x + broadcast_to(step_size, x) * grad
+            x = x_mean + broadcast_to(torch.sqrt(step_size * 2), x) * noise
 
         return x, x_mean
 
