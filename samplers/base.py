@@ -25,15 +25,20 @@ _SAMPLING_METHODS: dict[str, Callable] = {}
 # --------------------------------------------------------------------------------------------------
 
 
+def _add_to(registry: dict, kind: str, cls: type, name: str | None) -> type:
+    """registry[name or cls.__name__] = cls, refusing a name already taken."""
+    local_name = cls.__name__ if name is None else name
+    if local_name in registry:
+        raise ValueError(f"Already registered {kind} with name: {local_name}")
+    registry[local_name] = cls
+    return cls
+
+
 def register_predictor(cls=None, *, name=None):
     """A decorator for registering predictor classes."""
 
     def _register(cls):
-        local_name = cls.__name__ if name is None else name
-        if local_name in _PREDICTORS:
-            raise ValueError(f"Already registered predictor with name: {local_name}")
-        _PREDICTORS[local_name] = cls
-        return cls
+        return _add_to(_PREDICTORS, "predictor", cls, name)
 
     return _register if cls is None else _register(cls)
 
@@ -42,11 +47,7 @@ def register_corrector(cls=None, *, name=None):
     """A decorator for registering corrector classes."""
 
     def _register(cls):
-        local_name = cls.__name__ if name is None else name
-        if local_name in _CORRECTORS:
-            raise ValueError(f"Already registered corrector with name: {local_name}")
-        _CORRECTORS[local_name] = cls
-        return cls
+        return _add_to(_CORRECTORS, "corrector", cls, name)
 
     return _register if cls is None else _register(cls)
 

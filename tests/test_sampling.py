@@ -537,3 +537,28 @@ def test_pc_num_steps_apart_from_the_network(name):
     torch.testing.assert_close(x, x50)
     mean, var = marginal(sde, eps)
     check_moments(x, mean, var, var_allowance=0.25)
+
+
+def test_register_predictor_and_corrector(monkeypatch):
+    """score_sde's decorators, with and without a name; a taken name is refused."""
+    import samplers.base
+
+    monkeypatch.setattr(samplers.base, "_PREDICTORS", dict(samplers.base._PREDICTORS))
+    monkeypatch.setattr(samplers.base, "_CORRECTORS", dict(samplers.base._CORRECTORS))
+
+    @sampling.register_predictor(name="my_predictor")
+    class MyPredictor(sampling.Predictor):
+        def update_fn(self, x, t):
+            return x, x
+
+    @sampling.register_corrector
+    class MyCorrector(sampling.Corrector):
+        def update_fn(self, x, t):
+            return x, x
+
+    assert sampling.get_predictor("my_predictor") is MyPredictor
+    assert sampling.get_corrector("MyCorrector") is MyCorrector
+    with pytest.raises(ValueError, match="Already registered predictor with name: my_predictor"):
+        sampling.register_predictor(MyPredictor, name="my_predictor")
+    with pytest.raises(ValueError, match="Already registered corrector"):
+        sampling.register_corrector(MyCorrector)
