@@ -468,7 +468,7 @@ def samples_to_uint8_nhwc(samples) -> np.ndarray:
     return x.cpu().numpy().astype(np.uint8)
 
 
-def _valid_npz(path: str, key: str) -> bool:
+def valid_npz(path: str, key: str) -> bool:
     """True if path is a readable npz holding `key` (a corrupt or partial file is treated as missing)."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -508,7 +508,7 @@ def write_samples_in_batches(
     for r in range(num_sampling_rounds(num_samples, batch_size)):
         path = os.path.join(sample_dir, f"samples_{r}.npz")
         paths.append(path)
-        if _valid_npz(path, "samples"):
+        if valid_npz(path, "samples"):
             continue
         if os.path.exists(path):
             logging.warning("Sample file %s is unreadable; sampling round %d again.", path, r)
@@ -544,7 +544,7 @@ def compute_features_for_sample_dir(sample_dir: str, inception_model: torch.nn.M
     pools, logits = [], []
     for path in files:
         stats_path = path.replace("samples_", "statistics_")
-        if not _valid_npz(stats_path, "pool_3"):
+        if not valid_npz(stats_path, "pool_3"):
             with np.load(path, allow_pickle=False) as data:
                 samples = data["samples"]
             feats = run_inception(samples, inception_model, batch_size)

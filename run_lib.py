@@ -796,15 +796,6 @@ class _CountingModule(torch.nn.Module):
 INCEPTION_BATCH_SIZE = 64  # the batch of evaluation.metrics_from_sample_dir: the features cached here are its own
 
 
-def _readable_npz(path: str, key: str) -> bool:
-    """True if path is a readable npz holding a non-empty `key` (a partial or corrupt file counts as missing)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return key in data.files and data[key].shape[0] > 0
-    except Exception:
-        return False
-
-
 def _atomic_npz(path: str, **arrays) -> None:
     """np.savez_compressed to a temporary file, then renamed onto path (a reader never sees a partial file)."""
     tmp = path + ".tmp.npz"
@@ -839,7 +830,7 @@ def _write_features(sample_dir: str, net: torch.nn.Module, desc: str) -> None:
     is_main = distributed.is_main_process()
     if is_main:
         files = evaluation.list_sample_files(sample_dir)
-        pending = [p for p in files if not _readable_npz(_statistics_path(p), "pool_3")]
+        pending = [p for p in files if not evaluation.valid_npz(_statistics_path(p), "pool_3")]
     pending = distributed.broadcast_object(pending if is_main else None)
     share = distributed.share(pending)
     total = 0
@@ -957,7 +948,7 @@ def _sample_rounds(
     paths = [os.path.join(sample_dir, f"samples_{r}.npz") for r in range(rounds)]
     plan = None
     if is_main:
-        pending = [r for r in range(rounds) if not _readable_npz(paths[r], "samples")]
+        pending = [r for r in range(rounds) if not evaluation.valid_npz(paths[r], "samples")]
         for r in pending:
             if os.path.exists(paths[r]):
                 logging.warning("Sample file %s is unreadable; sampling round %d again.", paths[r], r)
