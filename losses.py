@@ -35,7 +35,6 @@ import distributed
 import parametrization
 import sde_lib
 from configs.defaults import complete_config
-from models import utils as mutils
 from sde_lib import broadcast_to
 
 WEIGHTINGS = ("variance", "likelihood", "importance", "x0")
@@ -283,19 +282,19 @@ def get_sde_loss_fn(
     return loss_fn
 
 
-def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
-    """score_sde's discrete-time NCSN loss (legacy, VE only)."""
+def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False, precision: str = "fp32") -> Callable:
+    """score_sde's discrete-time NCSN loss (legacy, VE only); precision: the network's autocast."""
     if not isinstance(vesde, sde_lib.VESDE):
         raise ValueError("SMLD (discrete) training only works for the VE SDE.")
     smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
     reduce_op = get_reduce_op(reduce_mean)
+    dtype = parametrization.autocast_dtype(precision)
 
     def loss_fn(model, batch):
-        model_fn = mutils.get_model_fn(model, train=train)
         labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
         sigmas = smld_sigma_array.to(batch.device)[labels]
         noise = torch.randn_like(batch, memory_format=torch.contiguous_format) * broadcast_to(sigmas, batch)
-        score = model_fn(noise + batch, labels)
+        score = parametrization.run_network(model, noise + batch, labels, train, dtype)
         target = -noise / broadcast_to(sigmas**2, batch)
         losses = torch.square(score - target)
         losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas**2
@@ -304,20 +303,20 @@ def get_smld_loss_fn(vesde, train: bool, reduce_mean: bool = False) -> Callable:
     return loss_fn
 
 
-def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True) -> Callable:
-    """score_sde's discrete-time DDPM loss (legacy, VP only)."""
+def get_ddpm_loss_fn(vpsde, train: bool, reduce_mean: bool = True, precision: str = "fp32") -> Callable:
+    """score_sde's discrete-time DDPM loss (legacy, VP only); precision: the network's autocast."""
     if not isinstance(vpsde, sde_lib.VPSDE):
         raise ValueError("DDPM (discrete) training only works for the VP SDE.")
     reduce_op = get_reduce_op(reduce_mean)
+    dtype = parametrization.autocast_dtype(precision)
 
     def loss_fn(model, batch):
-        model_fn = mutils.get_model_fn(model, train=train)
         labels = torch.randint(0, vpsde.N, (batch.shape[0],), device=batch.device)
         sqrt_ac = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
         sqrt_1m_ac = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
         noise = torch.randn_like(batch, memory_format=torch.contiguous_format)
         perturbed = broadcast_to(sqrt_ac, batch) * batch + broadcast_to(sqrt_1m_ac, batch) * noise
-        losses = torch.square(model_fn(perturbed, labels) - noise)
+        losses = torch.square(parametrization.run_network(model, perturbed, labels, train, dtype) - noise)
         return torch.mean(reduce_op(losses.reshape(losses.shape[0], -1), dim=-1))
 
     return loss_fn
@@ -370,7 +369,8 @@ def get_step_fn(
     unchanged and state['nonfinite'] is set to True.
 
     precision (training.precision): 'fp32'; 'bf16' (the network under bf16 autocast; parameters, optimizer state,
-    EMA and the loss stay float32); 'fp16' (autocast with a dynamic gradient scaler: a step whose scaled gradients
+    EMA and the loss stay float32); 'fp16' (autocast with the dynamic gradient scaler state['grad_scaler'], which
+    the checkpoint keeps: a step whose scaled gradients
     overflow is skipped without touching parameters, optimizer or EMA, state['amp_skipped'] is set and counted in
     state['amp_skipped_steps'], and the scale is lowered).
     """
@@ -407,9 +407,9 @@ def get_step_fn(
         if likelihood_weighting or importance_sampling or st or mixed or stf or reconstruction_loss or time_sampling:
             raise ValueError("Discrete-time (continuous=False) training supports none of the new options.")
         if isinstance(sde, sde_lib.VESDE):
-            discrete = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
+            discrete = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean, precision=precision)
         elif isinstance(sde, sde_lib.VPSDE):
-            discrete = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
+            discrete = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean, precision=precision)
         else:
             raise ValueError(f"Discrete training for {sde.__class__.__name__} is not supported.")
 
@@ -419,7 +419,6 @@ def get_step_fn(
     if num_micro_batch < 1:
         raise ValueError(f"optim.num_micro_batch must be >= 1, got {num_micro_batch}.")
     parametrization.autocast_dtype(precision)  # validates the name
-    grad_scalers: dict = {}  # fp16: one dynamic loss scaler per device type, created on first use
 
     def batch_losses(model, batch, tau, reference):
         """Per-sample losses of one (micro-)batch (mixed mode: [B/2] combined losses)."""
@@ -457,10 +456,10 @@ def get_step_fn(
         if any(c.shape[0] == 0 for c in chunks):
             raise ValueError(f"Batch of {batch.shape[0]} cannot be split into {num_micro_batch} micro-batches.")
         grad_scaler = None
-        if precision == "fp16":
-            if batch.device.type not in grad_scalers:
-                grad_scalers[batch.device.type] = torch.amp.GradScaler(batch.device.type)
-            grad_scaler = grad_scalers[batch.device.type]
+        if precision == "fp16":  # run_lib.build_state puts the scaler in the state; a hand-made state gets one
+            if state.get("grad_scaler") is None:
+                state["grad_scaler"] = torch.amp.GradScaler(batch.device.type)
+            grad_scaler = state["grad_scaler"]
         state["amp_skipped"] = False
         total = torch.zeros((), device=batch.device)
         for i, chunk in enumerate(chunks):

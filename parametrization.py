@@ -119,14 +119,8 @@ class Parametrization(abc.ABC):
         """The network's conditioning input for times t [B]."""
 
     def run_network(self, x: Tensor, labels: Tensor) -> Tensor:
-        """model(x, labels) in train() / eval() mode; under bf16 / fp16 autocast when the precision says so, the
-        output cast back to x's dtype (so that everything after the network runs in x's precision)."""
-        self.model.train(self.train)
-        if self.autocast_dtype is None:
-            return self.model(x, labels)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-            out = self.model(x, labels)
-        return out.to(x.dtype)
+        """model(x, labels) in train() / eval() mode under the precision's autocast (run_network)."""
+        return run_network(self.model, x, labels, self.train, self.autocast_dtype)
 
     def network(self, x: Tensor, t: Tensor) -> Tensor:
         """The raw network output at (x, labels(t))."""
@@ -212,6 +206,24 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} (training.precision / eval.precision); valid: {list(PRECISIONS)}.")
     return PRECISIONS[precision]
+
+
+def run_network(
+    model: torch.nn.Module, x: Tensor, labels: Tensor, train: bool, dtype: torch.dtype | None = None
+) -> Tensor:
+    """model(x, labels) in train() / eval() mode; under bf16 / fp16 autocast when dtype (autocast_dtype) is set,
+    the output cast back to x's dtype (so that everything after the network runs in x's precision)."""
+    model.train(train)
+    if dtype is None:
+        return model(x, labels)
+    with torch.autocast(x.device.type, dtype=dtype):
+        out = model(x, labels)
+    return out.to(x.dtype)
+
+
+def eval_precision(config) -> str:
+    """The network precision of sampling and evaluation: eval.precision, or training.precision when it is ''."""
+    return config.eval.precision or config.training.precision
 
 
 def _as_batch(t: Tensor | float, x: Tensor) -> Tensor:

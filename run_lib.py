@@ -25,6 +25,7 @@ from tqdm import tqdm
 import datasets
 import distributed
 import losses
+import parametrization
 import sde_lib
 from configs.defaults import complete_config
 from models import utils as mutils
@@ -98,7 +99,17 @@ def validate_config(config) -> None:
             "model.embedding_type='fourier' needs config.training.continuous=True (a Fourier embedding of the "
             "noise level); use 'positional' for discrete training."
         )
+    validate_speed_options(config)
     eval_plan(config)  # raises on contradictory eval fields
+
+
+def validate_speed_options(config) -> None:
+    """training.precision / eval.precision, compile_mode and compile_backend name things that exist."""
+    training = config.training
+    parametrization.autocast_dtype(training.precision)
+    if config.eval.precision:
+        parametrization.autocast_dtype(config.eval.precision)
+    mutils.check_compile_options(training.compile_mode, training.compile_backend if training.compile else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,11 +363,10 @@ def _setup_logging(workdir: str) -> None:
 
 def build_state(config, device: torch.device) -> dict:
     """Model, EMA and optimizer of score_sde's training state; the speed options of config.training (TF32,
-    channels_last, activation checkpointing, torch.compile) applied to the network."""
-    config = complete_config(config)
-    if config.training.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    channels_last, activation checkpointing, torch.compile) applied to the network; with training.precision =
+    'fp16' the dynamic gradient scaler in state['grad_scaler'] (saved with the checkpoint)."""
+    config, device = complete_config(config), torch.device(device)
+    mutils.set_tf32(bool(config.training.tf32), device)
     training = config.training
     score_model = mutils.apply_speed_options(
         mutils.create_model(config),
@@ -364,10 +374,14 @@ def build_state(config, device: torch.device) -> dict:
         grad_checkpoint=bool(training.grad_checkpoint),
         compile=bool(training.compile),
         compile_mode=training.compile_mode,
+        compile_backend=training.compile_backend,
     )
     ema = ExponentialMovingAverage(score_model.parameters(), decay=config.model.ema_rate)
     optimizer = losses.get_optimizer(config, score_model.parameters())
-    return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
+    state = dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
+    if training.precision == "fp16":  # the dynamic loss scale is part of the training state (saved, restored)
+        state["grad_scaler"] = torch.amp.GradScaler(device.type)
+    return state
 
 
 def _save_grid(x: torch.Tensor, folder: str) -> None:
@@ -1008,6 +1022,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
     import evaluation
     import likelihood
 
+    config = complete_config(config)
     validate_config(config)
     plan = eval_plan(config)
     device = _join_processes(config)
@@ -1016,6 +1031,10 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
     if is_main:
         _setup_logging(eval_dir)
     ev = config.eval
+    precision = parametrization.eval_precision(config)  # the network's autocast in every piece of the evaluation
+    loss_config = copy.deepcopy(config)
+    with loss_config.unlocked():
+        loss_config.training.precision = precision
     torch.manual_seed(config.seed)
     sde, sampling_eps = get_corruption(config)
     state = build_state(config, device)
@@ -1063,7 +1082,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
             if isinstance(eval_ds, str):
                 skipped["eval_loss"] = eval_ds
             else:
-                eval_step = losses.get_step_fn_from_config(config, sde, train=False)
+                eval_step = losses.get_step_fn_from_config(loss_config, sde, train=False)
                 values = []
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.set_rng_state(loss_rng[0])
@@ -1107,6 +1126,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
                 truncation=plan.truncation,
                 decoder=plan.decoder,
                 lambda_=plan.lambda_,
+                precision=precision,
             )
 
             def nll_batch(job, fn=likelihood_fn, net=model, dataset=dataset):
@@ -1126,6 +1146,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> dict:
                 truncation=plan.truncation,
                 data_std=0.5 if config.data.centered else 0.25,
                 decoder=plan.decoder,
+                precision=precision,
             )
 
             def nelbo_batch(job, fn=nelbo_fn, net=model, dataset=dataset):
@@ -1235,6 +1256,7 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     """
     import evaluation
 
+    config = complete_config(config)
     validate_config(config)
     device = _join_processes(config)
     is_main = distributed.is_main_process()

@@ -19,6 +19,7 @@ predictor steps on sde.with_num_steps(num_steps) while the score keeps the netwo
 
 from __future__ import annotations
 
+import parametrization
 import soft_diffusion
 from configs.defaults import complete_config
 from samplers.base import (  # noqa: F401  (public API)
@@ -108,11 +109,6 @@ def _config_nfe(config, default: int) -> int:
     return int(config.sampling.nfe or default)
 
 
-def _precision(config) -> str:
-    """The network precision of sampling: eval.precision, or training.precision when that is empty."""
-    return config.eval.precision or config.training.precision
-
-
 def _config_num_steps(config) -> int | None:
     """config.sampling.num_steps, None when 0 (model.num_scales: score_sde's behaviour)."""
     return int(config.sampling.num_steps) or None
@@ -135,7 +131,7 @@ def _build_pc(config, sde, shape, inverse_scaler, eps):
         denoise=config.sampling.noise_removal,
         eps=eps,
         device=config.device,
-        precision=_precision(config),
+        precision=parametrization.eval_precision(config),
         num_steps=_config_num_steps(config),
     )
 
@@ -152,7 +148,7 @@ def _build_ode(config, sde, shape, inverse_scaler, eps):
         method=config.sampling.ode_method,
         eps=eps,
         device=config.device,
-        precision=_precision(config),
+        precision=parametrization.eval_precision(config),
     )
 
 
@@ -167,7 +163,7 @@ def _build_heun(config, sde, shape, inverse_scaler, eps):
         num_steps=num_points,
         eps=eps,
         device=config.device,
-        precision=_precision(config),
+        precision=parametrization.eval_precision(config),
         denoise=denoise,
         schedule=config.sampling.time_schedule or "edm",
     )
@@ -187,7 +183,7 @@ def _build_dpm_solver(config, sde, shape, inverse_scaler, eps):
         order=int(config.sampling.dpm_solver_order),
         eps=eps,
         device=config.device,
-        precision=_precision(config),
+        precision=parametrization.eval_precision(config),
         denoise=denoise,
         schedule=config.sampling.time_schedule or "logsnr",
     )
@@ -218,7 +214,7 @@ def _build_stochastic(name: str):
             denoise=bool(sampling.noise_removal),
             schedule=sampling.time_schedule,
             continuous=config.training.continuous,
-            precision=_precision(config),
+            precision=parametrization.eval_precision(config),
             **kwargs,
         )
 

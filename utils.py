@@ -200,6 +200,9 @@ def restore_checkpoint(ckpt_dir: str, state: dict, device: torch.device | str) -
     for key in ("rng", "corruption"):
         if key in loaded:
             state[key] = loaded[key]
+    if state.get("grad_scaler") is not None and loaded.get("grad_scaler"):
+        state["grad_scaler"].load_state_dict(loaded["grad_scaler"])
+        state["amp_skipped_steps"] = int(loaded.get("amp_skipped_steps", 0))
     return state
 
 
@@ -214,4 +217,7 @@ def save_checkpoint(ckpt_dir: str, state: dict) -> None:
     for key in ("rng", "corruption"):
         if state.get(key) is not None:
             saved_state[key] = state[key]
+    if state.get("grad_scaler") is not None:  # training.precision = 'fp16': the dynamic loss scale (numbers only)
+        saved_state["grad_scaler"] = state["grad_scaler"].state_dict()
+        saved_state["amp_skipped_steps"] = int(state.get("amp_skipped_steps", 0))
     atomic_torch_save(saved_state, ckpt_dir)

@@ -47,6 +47,7 @@ DEFAULTS = {
         "grad_checkpoint": False,
         "compile": False,
         "compile_mode": "",  # torch.compile mode ('' = default)
+        "compile_backend": "",  # torch.compile backend ('' = inductor; 'aot_eager' to debug a compiled run)
         "tf32": False,
     },
     "optim": {"amsgrad": False, "fused": False, "num_micro_batch": 1},

@@ -34,19 +34,39 @@ _setup_kernel = setup_kernel  # score_sde's private name
 _KERNEL_CACHE: dict[tuple, torch.Tensor] = {}
 
 
+def fir_kernel(k: KernelLike, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """setup_kernel(k) * scale as a tensor on the device and dtype of `like`, built with torch operations only, so
+    that torch.compile traces it into the graph as a constant (a NumPy kernel broke the graph at every FIR layer);
+    outside compilation the tensor is cached per (taps, scale, device, dtype)."""
+    compiling = torch.compiler.is_compiling()
+    if isinstance(k, torch.Tensor):
+        taps = k.detach().to(device="cpu", dtype=torch.float64)
+    elif compiling:
+        taps = torch.tensor(k, dtype=torch.float64)
+    else:
+        arr = np.asarray(k, dtype=np.float64)
+        key = (arr.tobytes(), arr.shape, float(scale), like.device, like.dtype)
+        cached = _KERNEL_CACHE.get(key)
+        if cached is None:
+            cached = fir_kernel(torch.from_numpy(arr), scale, like)
+            if len(_KERNEL_CACHE) < 256:
+                _KERNEL_CACHE[key] = cached
+        return cached
+    if taps.ndim == 1:
+        taps = torch.outer(taps, taps)
+    if taps.ndim != 2 or taps.shape[0] != taps.shape[1]:
+        raise ValueError(f"FIR kernel must be 1-D or square 2-D, got shape {tuple(taps.shape)}")
+    return (taps / taps.sum() * scale).to(device=like.device, dtype=like.dtype)
+
+
 def _kernel_tensor(k: KernelLike, like: torch.Tensor) -> torch.Tensor:
-    """The 2-D kernel as a tensor on the device / dtype of `like` (arrays cached per device and dtype)."""
+    """A 2-D kernel (used as given, not normalised) as a tensor on the device / dtype of `like`."""
     if isinstance(k, torch.Tensor):
         kt = k.to(device=like.device, dtype=like.dtype)
     else:
-        arr = np.ascontiguousarray(k)
+        arr = np.asarray(k)
         arr = arr if arr.dtype == np.float64 else arr.astype(np.float32)
-        key = (arr.tobytes(), arr.shape, like.device, like.dtype)
-        kt = _KERNEL_CACHE.get(key)
-        if kt is None:
-            kt = torch.as_tensor(arr, device=like.device).to(like.dtype)
-            if len(_KERNEL_CACHE) < 256:
-                _KERNEL_CACHE[key] = kt
+        kt = torch.as_tensor(arr, device=like.device).to(like.dtype)
     if kt.ndim != 2:
         raise ValueError(f"upfirdn2d needs a 2-D kernel, got shape {tuple(kt.shape)}")
     return kt
@@ -89,7 +109,7 @@ def upsample_2d(x: torch.Tensor, k: KernelLike | None = None, factor: int = 2, g
     """FIR upsampling (StyleGAN2): upfirdn2d with kernel k * gain * factor^2, output [N, C, H*f, W*f]."""
     if k is None:
         k = [1] * factor
-    k2 = setup_kernel(k) * (gain * factor**2)
+    k2 = fir_kernel(k, gain * factor**2, x)
     p = k2.shape[0] - factor
     return upfirdn2d(x, k2, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
@@ -98,7 +118,7 @@ def downsample_2d(x: torch.Tensor, k: KernelLike | None = None, factor: int = 2,
     """FIR downsampling (StyleGAN2): upfirdn2d with kernel k * gain, output [N, C, H/f, W/f]."""
     if k is None:
         k = [1] * factor
-    k2 = setup_kernel(k) * gain
+    k2 = fir_kernel(k, gain, x)
     p = k2.shape[0] - factor
     return upfirdn2d(x, k2, down=factor, pad=((p + 1) // 2, p // 2))
 
@@ -118,7 +138,7 @@ def upsample_conv_2d(
         raise ValueError(f"upsample_conv_2d: input has {x.shape[1]} channels, weight expects {in_c}")
     if k is None:
         k = [1] * factor
-    k2 = setup_kernel(k) * (gain * factor**2)
+    k2 = fir_kernel(k, gain * factor**2, x)
     p = (k2.shape[0] - factor) - (conv_w - 1)
     w_t = torch.flip(w, [2, 3]).transpose(0, 1)  # [inC, outC, kh, kw]
     x = F.conv_transpose2d(x, w_t, stride=factor)
@@ -132,7 +152,7 @@ def conv_downsample_2d(
     conv_w = w.shape[-1]
     if k is None:
         k = [1] * factor
-    k2 = setup_kernel(k) * gain
+    k2 = fir_kernel(k, gain, x)
     p = (k2.shape[0] - factor) + (conv_w - 1)
     x = upfirdn2d(x, k2, pad=((p + 1) // 2, p // 2))
     return F.conv2d(x, w, stride=factor)

@@ -136,23 +136,54 @@ def set_grad_checkpointing(model: torch.nn.Module, enabled: bool = True) -> int:
     return count
 
 
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_options(mode: str, backend: str) -> None:
+    """training.compile_mode is a torch.compile mode and training.compile_backend a registered backend ('': the
+    defaults)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"training.compile_mode={mode!r} is not a torch.compile mode; valid: {COMPILE_MODES} ('': torch's default)."
+        )
+    if backend:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in backends:
+            raise ValueError(f"training.compile_backend={backend!r} is not a torch.compile backend; valid: {backends}.")
+
+
 def apply_speed_options(
     model: torch.nn.Module,
     channels_last: bool = False,
     grad_checkpoint: bool = False,
     compile: bool = False,
     compile_mode: str = "",
+    compile_backend: str = "",
 ) -> torch.nn.Module:
     """channels_last memory format, activation checkpointing and torch.compile (in place: nn.Module.compile, so the
     state_dict keeps the original keys) of the network `model` (run_lib passes training.channels_last,
-    grad_checkpoint, compile and compile_mode)."""
+    grad_checkpoint, compile, compile_mode and compile_backend)."""
+    if compile:
+        check_compile_options(compile_mode, compile_backend)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if grad_checkpoint:
         set_grad_checkpointing(model, True)
     if compile:
-        model.compile(mode=compile_mode or None)
+        model.compile(mode=compile_mode or None, backend=compile_backend or "inductor")
     return model
+
+
+def set_tf32(enabled: bool, device: torch.device) -> bool:
+    """training.tf32: TF32 tensor-core matmuls and convolutions on a CUDA device (float32 storage, 10-bit mantissa
+    products); no effect elsewhere. Returns whether the flags were set."""
+    if not enabled or torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def get_score_fn(sde, model: torch.nn.Module, train: bool = False, continuous: bool = False) -> Callable:

@@ -43,6 +43,20 @@ def test_resume_gives_the_same_parameters(tmp_path):
     assert glob.glob(str(workdir / "tensorboard" / "events.*"))
 
 
+def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
+    """training.precision = 'fp16': the dynamic loss scale and the count of skipped steps are in the checkpoint,
+    so 3 + 3 steps equal 6 (the first steps of a fresh scaler overflow and are skipped: a resumed run that started
+    again from the initial scale would skip them again and end elsewhere)."""
+    config = tiny_config(n_iters=6, precision="fp16", snapshot_freq=3)
+    straight = run_lib.train(config, str(tmp_path / "a"))
+    run_lib.train(tiny_config(n_iters=3, precision="fp16", snapshot_freq=3), str(tmp_path / "b"))
+    resumed = run_lib.train(config, str(tmp_path / "b"))
+    assert straight["grad_scaler"].get_scale() == resumed["grad_scaler"].get_scale()
+    assert straight["amp_skipped_steps"] == resumed["amp_skipped_steps"] > 0
+    for a, b in zip(flat_state(straight), flat_state(resumed)):
+        assert torch.equal(a, b)
+
+
 def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     straight = run_lib.train(tiny_config(n_iters=4), str(tmp_path / "a"))
     original_next = run_lib.TrainStream.__next__
