@@ -5,9 +5,11 @@ vp/CIFAR10/ddpmpp_nll_st and the NCSN++ of score_sde's ve/cifar10_ncsnpp_continu
 (today's path) and each option of config.training (precision, channels_last, compile, grad_checkpoint) and
 config.optim.fused, and the best combination. Every variant runs in its own process (fresh compile caches, its own
 peak-memory figure: CUDA max_memory_allocated, or the process's peak resident set on the CPU), warm-up steps
-first, then the median of the timed steps. Prints a table with ratios to fp32 eager and writes a JSON file.
+first, then the median of the timed steps. Each variant also times the network alone (forward and backward of
+model(x, labels) under the variant's autocast, nothing else), so that the table shows whether the whole step keeps
+what the network gains. Prints a table with ratios to fp32 eager and writes a JSON file.
 
-    python benchmarks/train_step.py                       # both models, every variant
+    python benchmarks/train_step.py                       # both models, every variant (fp16 on GPUs only)
     python benchmarks/train_step.py --models ddpmpp --steps 3 --variants fp32,bf16
 """
 
@@ -68,11 +70,32 @@ def load_config_file(path: str):
     return importlib.import_module(path[: -len(".py")].replace("/", ".")).get_config()
 
 
+def _timed(fn, count: int, warmup: int, cuda: bool) -> tuple[list, float]:
+    """(durations of `count` calls of fn after `warmup` calls, duration of the first call)."""
+    import torch
+
+    times, first = [], 0.0
+    for i in range(warmup + count):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        elif i == 0:
+            first = time.perf_counter() - start
+    return times, first
+
+
 def run_variant(model: str, variant: str, batch: int, steps: int, warmup: int, device: str) -> dict:
-    """Time `steps` training steps after `warmup` ones, in this process."""
+    """Time `steps` training steps after `warmup` ones, then the network's forward + backward alone, in this
+    process."""
     import torch
 
     import losses
+    import parametrization
     import run_lib
     from configs.defaults import complete_config
 
@@ -93,35 +116,67 @@ def run_variant(model: str, variant: str, batch: int, steps: int, warmup: int, d
     data = torch.rand(shape, device=dev) * 2 - 1
     if config.training.channels_last:
         data = data.contiguous(memory_format=torch.channels_last)
-    if dev.type == "cuda":
+    cuda = dev.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    start_all = time.perf_counter()
-    for i in range(warmup + steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step_fn(state, data)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        elif i == 0:
-            first = time.perf_counter() - start_all
-    if dev.type == "cuda":
+    times, first = _timed(lambda: step_fn(state, data), steps, warmup, cuda)
+    if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"step_s": statistics.median(times), "first_step_s": first, "peak_mb": peak_mb, "steps": len(times)}
+
+    # the network alone: forward and backward of model(x, labels) under the variant's autocast
+    net = parametrization.get_parametrization(
+        sde,
+        state["model"],
+        train=True,
+        continuous=bool(config.training.continuous),
+        config=config,
+        precision=config.training.precision,
+    )
+    t = torch.rand(batch, device=dev) * (sde.T - 1e-3) + 1e-3
+
+    def network_pass():
+        net.network(data, t).float().square().mean().backward()
+        state["model"].zero_grad(set_to_none=True)
+
+    net_times, _ = _timed(network_pass, steps, 1, cuda)
+    return {
+        "step_s": statistics.median(times),
+        "network_s": statistics.median(net_times),
+        "first_step_s": first,
+        "peak_mb": peak_mb,
+        "steps": len(times),
+    }
+
+
+def run_child(model: str, variant: str, args) -> dict:
+    """One variant in a fresh process: its result, or {'error': ...} (a failure or a timeout)."""
+    cmd = [sys.executable, __file__, "--child", model, variant, "--batch", str(args.batch)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {
+            "error": f"not finished after {args.timeout} s ({args.warmup + args.steps} steps, {args.steps + 1} "
+            f"network passes)"
+        }
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        errors = [ln for ln in lines if ln and not ln.startswith(" ") and ("Error" in ln or "Exception" in ln)]
+        return {"error": (errors or lines or ["no output"])[-1][:300]}
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="", help="comma-separated; default: all (all but fp16 on the CPU)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed to one variant")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.json"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -130,28 +185,36 @@ def main() -> None:
         result = run_variant(args.child[0], args.child[1], args.batch, args.steps, args.warmup, args.device)
         print("RESULT " + json.dumps(result))
         return
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if not args.variants and args.device == "cpu":
+        variants.remove("fp16")  # fp16 autocast on a CPU without fp16 arithmetic is emulated: many times slower
+        print("fp16 left out on the CPU (emulated there; ask for it with --variants)")
     machine = cpu_name() if args.device == "cpu" else _gpu_name()
     print(f"device: {args.device}, {machine}; batch {args.batch}, median of {args.steps} steps after {args.warmup}")
-    results = {"machine": machine, "device": args.device, "batch": args.batch, "models": {}}
+    results = {"machine": machine, "device": args.device, "batch": args.batch, "steps": args.steps, "models": {}}
     for model in args.models.split(","):
         rows = {}
-        for variant in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--child", model, variant, "--batch", str(args.batch)]
-            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                rows[variant] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-                print(f"{model:8s} {variant:16s} failed: {rows[variant]['error']}")
+        for variant in variants:
+            rows[variant] = row = run_child(model, variant, args)
+            if "error" in row:
+                print(f"{model:8s} {variant:16s} failed: {row['error']}", flush=True)
                 continue
-            rows[variant] = json.loads(line[len("RESULT ") :])
-            base = rows.get("fp32", {}).get("step_s")
-            ratio = f"{base / rows[variant]['step_s']:.2f}x" if base else "-"
+            base = rows.get("fp32", {})
+            ratio = f"{base['step_s'] / row['step_s']:.2f}x" if "step_s" in base else "-"
+            net_ratio = f"{base['network_s'] / row['network_s']:.2f}x" if "network_s" in base else "-"
             print(
-                f"{model:8s} {variant:16s} {rows[variant]['step_s']:8.3f} s/step  {ratio:>6s} vs fp32  "
-                f"first step {rows[variant]['first_step_s']:7.1f} s  peak {rows[variant]['peak_mb']:8.0f} MB",
+                f"{model:8s} {variant:16s} {row['step_s']:8.3f} s/step  {ratio:>6s} vs fp32  "
+                f"network alone {row['network_s']:7.3f} s  {net_ratio:>6s}  "
+                f"first step {row['first_step_s']:7.1f} s  peak {row['peak_mb']:8.0f} MB",
                 flush=True,
             )
+        if "step_s" in rows.get("fp32", {}) and len(variants) > 1:
+            # the baseline once more at the end: how far the machine's speed drifted during the run
+            again = run_child(model, "fp32", args)
+            rows["fp32_again"] = again
+            if "step_s" in again:
+                drift = again["step_s"] / rows["fp32"]["step_s"] - 1
+                print(f"{model:8s} fp32 again       {again['step_s']:8.3f} s/step  (drift {drift:+.0%})", flush=True)
         results["models"][model] = rows
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
