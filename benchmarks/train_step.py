@@ -6,8 +6,10 @@ vp/CIFAR10/ddpmpp_nll_st and the NCSN++ of score_sde's ve/cifar10_ncsnpp_continu
 config.optim.fused, and the best combination. Every variant runs in its own process (fresh compile caches, its own
 peak-memory figure: CUDA max_memory_allocated, or the process's peak resident set on the CPU), warm-up steps
 first, then the median of the timed steps. Each variant also times the network alone (forward and backward of
-model(x, labels) under the variant's autocast, nothing else), so that the table shows whether the whole step keeps
-what the network gains. Prints a table with ratios to fp32 eager and writes a JSON file.
+model(x, labels) under the variant's autocast, nothing else) and the update alone (gradient norm, optimizer step
+and EMA on fixed gradients), so that the table shows whether the whole step keeps what the network gains: "rest"
+= step - network - update is what the step costs beyond the two (loss, time sampling, noise; about zero).
+Prints a table with ratios to fp32 eager and writes a JSON file.
 
     python benchmarks/train_step.py                       # both models, every variant (fp16 on GPUs only)
     python benchmarks/train_step.py --models ddpmpp --steps 3 --variants fp32,bf16
@@ -141,9 +143,22 @@ def run_variant(model: str, variant: str, batch: int, steps: int, warmup: int, d
         state["model"].zero_grad(set_to_none=True)
 
     net_times, _ = _timed(network_pass, steps, 1, cuda)
+
+    # the update alone: gradient norm, Adam (with warm-up and clipping as configured) and the EMA, on fixed gradients
+    net.network(data, t).float().square().mean().backward()
+    optimize_fn = losses.optimization_manager(config)
+    params = list(state["model"].parameters())
+
+    def update_pass():
+        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimize_fn(state["optimizer"], params, step=state["step"])
+        state["ema"].update(params)
+
+    update_times, _ = _timed(update_pass, steps, 1, cuda)
     return {
         "step_s": statistics.median(times),
         "network_s": statistics.median(net_times),
+        "update_s": statistics.median(update_times),
         "first_step_s": first,
         "peak_mb": peak_mb,
         "steps": len(times),
@@ -204,7 +219,8 @@ def main() -> None:
             net_ratio = f"{base['network_s'] / row['network_s']:.2f}x" if "network_s" in base else "-"
             print(
                 f"{model:8s} {variant:16s} {row['step_s']:8.3f} s/step  {ratio:>6s} vs fp32  "
-                f"network alone {row['network_s']:7.3f} s  {net_ratio:>6s}  "
+                f"network alone {row['network_s']:7.3f} s  {net_ratio:>6s}  update alone {row['update_s']:6.3f} s  "
+                f"rest {row['step_s'] - row['network_s'] - row['update_s']:+6.3f} s  "
                 f"first step {row['first_step_s']:7.1f} s  peak {row['peak_mb']:8.0f} MB",
                 flush=True,
             )

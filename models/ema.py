@@ -9,6 +9,24 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+# elements per foreach group of the EMA update (4 MB of float32)
+UPDATE_GROUP_NUMEL = 2**20
+
+
+def _groups(
+    shadow: list[torch.Tensor], params: list[torch.Tensor], max_numel: int
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Consecutive (shadow, param) groups of at most max_numel elements each (or one tensor, if larger)."""
+    groups, start, numel = [], 0, 0
+    for i, s in enumerate(shadow):
+        if i > start and numel + s.numel() > max_numel:
+            groups.append((shadow[start:i], params[start:i]))
+            start, numel = i, 0
+        numel += s.numel()
+    if start < len(shadow):
+        groups.append((shadow[start:], params[start:]))
+    return groups
+
 
 def ema_decay(decay: float, num_updates: int | None) -> float:
     """Effective decay min(decay, (1 + n) / (10 + n)) after n updates (decay itself when n is None)."""
@@ -54,11 +72,14 @@ class ExponentialMovingAverage:
             self.num_updates += 1
         one_minus_decay = 1.0 - ema_decay(self.decay, self.num_updates)
         with torch.no_grad():
-            # One foreach kernel per stage over all tensors (grouped by device and dtype), the same arithmetic
-            # as the per-tensor loop s.sub_((1 - d) * (s - p)): shadow - param, times (1 - d), subtracted.
-            steps = torch._foreach_sub(self.shadow_params, [p.detach() for p in params])
-            torch._foreach_mul_(steps, one_minus_decay)
-            torch._foreach_sub_(self.shadow_params, steps)
+            # Foreach kernels over groups of about UPDATE_GROUP_NUMEL elements, the same arithmetic as the
+            # per-tensor loop s.sub_((1 - d) * (s - p)): shadow - param, times (1 - d), subtracted. Grouping keeps
+            # the temporary (shadow - param) small and cache-resident: one foreach over the whole model allocates a
+            # copy of it, which made the update slower than the loop on CPUs (benchmarks/update_step.py).
+            for shadow, current in _groups(self.shadow_params, [p.detach() for p in params], UPDATE_GROUP_NUMEL):
+                steps = torch._foreach_sub(shadow, current)
+                torch._foreach_mul_(steps, one_minus_decay)
+                torch._foreach_sub_(shadow, steps)
 
     def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Write the averaged values into the trainable parameters."""

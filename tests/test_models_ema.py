@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import ema as ema_module
 from models.ema import ExponentialMovingAverage, ema_decay
 
 
@@ -122,3 +123,31 @@ def test_foreach_update_equals_the_per_parameter_loop_bit_for_bit():
     for s, ref in zip(ema.shadow_params, loop_shadow):
         assert s.dtype == ref.dtype
         assert torch.equal(s, ref)
+
+
+def test_update_groups_cover_every_tensor_once_in_order_within_the_budget():
+    """_groups splits the tensor lists into consecutive groups of at most max_numel elements (a larger tensor alone)."""
+    sizes = [3, 5, 2, 40, 1, 1, 7, 9]
+    shadow = [torch.zeros(n) for n in sizes]
+    params = [torch.ones(n) for n in sizes]
+    groups = ema_module._groups(shadow, params, max_numel=10)
+    assert [[t.numel() for t in g[0]] for g in groups] == [[3, 5, 2], [40], [1, 1, 7], [9]]
+    assert [t for g in groups for t in g[0]] == shadow and [t for g in groups for t in g[1]] == params
+    assert len(ema_module._groups(shadow, params, max_numel=10**9)) == 1
+
+
+def test_grouped_update_equals_the_loop_bit_for_bit_with_many_groups(monkeypatch):
+    """With groups of a few elements the update still equals the per-tensor loop exactly."""
+    monkeypatch.setattr(ema_module, "UPDATE_GROUP_NUMEL", 16)
+    torch.manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (4, 9, 30, 2, 15, 1)]
+    ema = ExponentialMovingAverage(params, decay=0.99)
+    loop_shadow = [p.detach().clone() for p in params]
+    for n in range(1, 20):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update(params)
+        for s, p in zip(loop_shadow, params):
+            s.sub_((1.0 - ema_decay(0.99, n)) * (s - p.detach()))
+    assert all(torch.equal(s, ref) for s, ref in zip(ema.shadow_params, loop_shadow))
