@@ -72,22 +72,28 @@ def load_config_file(path: str):
     return importlib.import_module(path[: -len(".py")].replace("/", ".")).get_config()
 
 
-def _timed(fn, count: int, warmup: int, cuda: bool) -> tuple[list, float]:
-    """(durations of `count` calls of fn after `warmup` calls, duration of the first call)."""
+def time_call(fn, cuda: bool) -> float:
+    """Seconds of one call of fn (waiting for the GPU's queue before and after when cuda)."""
     import torch
 
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _timed(fn, count: int, warmup: int, cuda: bool) -> tuple[list, float]:
+    """(durations of `count` calls of fn after `warmup` calls, duration of the first call)."""
     times, first = [], 0.0
     for i in range(warmup + count):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
+        seconds = time_call(fn, cuda)
+        if i == 0:
+            first = seconds
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-        elif i == 0:
-            first = time.perf_counter() - start
+            times.append(seconds)
     return times, first
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.train_step import MODELS, cpu_name, load_config_file  # noqa: E402
+from benchmarks.train_step import MODELS, cpu_name, load_config_file, time_call  # noqa: E402
 from configs.defaults import complete_config  # noqa: E402
 from models import utils as mutils  # noqa: E402
 from models.ema import ExponentialMovingAverage  # noqa: E402
@@ -45,14 +44,9 @@ def time_rounds(variants: dict, rounds: int, cuda: bool) -> dict:
     times = {name: [] for name in variants}
     for r in range(rounds + 1):
         for name, fn in variants.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
+            seconds = time_call(fn, cuda)
             if r > 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

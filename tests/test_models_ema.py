@@ -106,10 +106,20 @@ def test_mismatched_model_gives_clear_error():
         ExponentialMovingAverage(other.parameters(), decay=1.5)
 
 
-def test_foreach_update_equals_the_per_parameter_loop_bit_for_bit():
-    """The foreach update does today's per-tensor arithmetic, s -= (1 - d) (s - p), exactly (float32 and float64)."""
+@pytest.mark.parametrize(
+    "group_numel, sizes",
+    [
+        (ema_module.UPDATE_GROUP_NUMEL, [(5, 3), (7,)]),  # one group (the second tensor float64)
+        (16, [(4,), (9,), (30,), (2,), (15,), (1,)]),  # many groups, one tensor larger than a group
+    ],
+)
+def test_foreach_update_equals_the_per_parameter_loop_bit_for_bit(monkeypatch, group_numel, sizes):
+    """The grouped foreach update does today's per-tensor arithmetic, s -= (1 - d) (s - p), exactly (float32 and
+    float64, one group or many)."""
+    monkeypatch.setattr(ema_module, "UPDATE_GROUP_NUMEL", group_numel)
     torch.manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in sizes]
+    params[1] = torch.nn.Parameter(params[1].detach().double())
     ema = ExponentialMovingAverage(params, decay=0.999)
     loop_shadow = [p.detach().clone() for p in params]
     for n in range(1, 40):
@@ -134,20 +144,3 @@ def test_update_groups_cover_every_tensor_once_in_order_within_the_budget():
     assert [[t.numel() for t in g[0]] for g in groups] == [[3, 5, 2], [40], [1, 1, 7], [9]]
     assert [t for g in groups for t in g[0]] == shadow and [t for g in groups for t in g[1]] == params
     assert len(ema_module._groups(shadow, params, max_numel=10**9)) == 1
-
-
-def test_grouped_update_equals_the_loop_bit_for_bit_with_many_groups(monkeypatch):
-    """With groups of a few elements the update still equals the per-tensor loop exactly."""
-    monkeypatch.setattr(ema_module, "UPDATE_GROUP_NUMEL", 16)
-    torch.manual_seed(2)
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (4, 9, 30, 2, 15, 1)]
-    ema = ExponentialMovingAverage(params, decay=0.99)
-    loop_shadow = [p.detach().clone() for p in params]
-    for n in range(1, 20):
-        with torch.no_grad():
-            for p in params:
-                p.add_(torch.randn_like(p))
-        ema.update(params)
-        for s, p in zip(loop_shadow, params):
-            s.sub_((1.0 - ema_decay(0.99, n)) * (s - p.detach()))
-    assert all(torch.equal(s, ref) for s, ref in zip(ema.shadow_params, loop_shadow))
