@@ -13,19 +13,18 @@ import torch
 UPDATE_GROUP_NUMEL = 2**20
 
 
-def _groups(
-    shadow: list[torch.Tensor], params: list[torch.Tensor], max_numel: int
-) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Consecutive (shadow, param) groups of at most max_numel elements each (or one tensor, if larger)."""
-    groups, start, numel = [], 0, 0
-    for i, s in enumerate(shadow):
-        if i > start and numel + s.numel() > max_numel:
-            groups.append((shadow[start:i], params[start:i]))
-            start, numel = i, 0
-        numel += s.numel()
-    if start < len(shadow):
-        groups.append((shadow[start:], params[start:]))
-    return groups
+def group_bounds(numels: list[int], max_numel: int) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive tensors with at most max_numel elements in all (a larger tensor
+    alone)."""
+    bounds, start, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if i > start and total + n > max_numel:
+            bounds.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(numels):
+        bounds.append((start, len(numels)))
+    return bounds
 
 
 def ema_decay(decay: float, num_updates: int | None) -> float:
@@ -45,6 +44,14 @@ class ExponentialMovingAverage:
         self.num_updates = 0 if use_num_updates else None
         self.shadow_params = [p.detach().clone() for p in parameters if p.requires_grad]
         self.collected_params: list[torch.Tensor] = []
+        self._bounds: tuple[int, list[tuple[int, int]]] | None = None  # (group size, group_bounds), made once
+
+    def _update_groups(self) -> list[tuple[int, int]]:
+        """group_bounds of the shadow tensors for UPDATE_GROUP_NUMEL, computed once (shapes change only on load)."""
+        if self._bounds is None or self._bounds[0] != UPDATE_GROUP_NUMEL:
+            numels = [s.numel() for s in self.shadow_params]
+            self._bounds = (UPDATE_GROUP_NUMEL, group_bounds(numels, UPDATE_GROUP_NUMEL))
+        return self._bounds[1]
 
     def _trainable(self, parameters: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """The trainable parameters, checked against the number of shadow tensors."""
@@ -76,8 +83,10 @@ class ExponentialMovingAverage:
             # per-tensor loop s.sub_((1 - d) * (s - p)): shadow - param, times (1 - d), subtracted. Grouping keeps
             # the temporary (shadow - param) small and cache-resident: one foreach over the whole model allocates a
             # copy of it, which made the update slower than the loop on CPUs (benchmarks/update_step.py).
-            for shadow, current in _groups(self.shadow_params, [p.detach() for p in params], UPDATE_GROUP_NUMEL):
-                steps = torch._foreach_sub(shadow, current)
+            current = [p.detach() for p in params]
+            for start, end in self._update_groups():
+                shadow = self.shadow_params[start:end]
+                steps = torch._foreach_sub(shadow, current[start:end])
                 torch._foreach_mul_(steps, one_minus_decay)
                 torch._foreach_sub_(shadow, steps)
 
@@ -119,3 +128,4 @@ class ExponentialMovingAverage:
         self.decay = state_dict["decay"]
         self.num_updates = state_dict["num_updates"]
         self.shadow_params = [torch.as_tensor(s).detach().clone() for s in state_dict["shadow_params"]]
+        self._bounds = None

@@ -136,11 +136,8 @@ def test_foreach_update_equals_the_per_parameter_loop_bit_for_bit(monkeypatch, g
 
 
 def test_update_groups_cover_every_tensor_once_in_order_within_the_budget():
-    """_groups splits the tensor lists into consecutive groups of at most max_numel elements (a larger tensor alone)."""
+    """group_bounds splits the tensors into consecutive ranges of at most max_numel elements (a larger one alone)."""
     sizes = [3, 5, 2, 40, 1, 1, 7, 9]
-    shadow = [torch.zeros(n) for n in sizes]
-    params = [torch.ones(n) for n in sizes]
-    groups = ema_module._groups(shadow, params, max_numel=10)
-    assert [[t.numel() for t in g[0]] for g in groups] == [[3, 5, 2], [40], [1, 1, 7], [9]]
-    assert [t for g in groups for t in g[0]] == shadow and [t for g in groups for t in g[1]] == params
-    assert len(ema_module._groups(shadow, params, max_numel=10**9)) == 1
+    assert ema_module.group_bounds(sizes, max_numel=10) == [(0, 3), (3, 4), (4, 7), (7, 8)]
+    assert ema_module.group_bounds(sizes, max_numel=10**9) == [(0, 8)]
+    assert ema_module.group_bounds([], max_numel=10) == []
