@@ -153,11 +153,19 @@ class SDE(abc.ABC):
 
     def iw_antiderivative(self, t: Tensor) -> Tensor:
         """A(t), an antiderivative of g^2/sigma^2 (closed form per SDE)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define iw_antiderivative (closed form A(t)).")
+        raise NotImplementedError(self._needs_for_importance("iw_antiderivative, the closed form A(t)"))
 
     def iw_antiderivative_inverse(self, a: Tensor) -> Tensor:
         """t = A^-1(a), the inverse of iw_antiderivative."""
-        raise NotImplementedError(f"{type(self).__name__} does not define iw_antiderivative_inverse.")
+        raise NotImplementedError(self._needs_for_importance("iw_antiderivative_inverse, t = A^-1(a)"))
+
+    def _needs_for_importance(self, what: str) -> str:
+        """The error of an SDE without the closed forms that importance sampling of t needs."""
+        return (
+            f"{type(self).__name__} does not define {what}, which importance sampling of t needs: define it for "
+            "this SDE, or sample t uniformly (training.importance_sampling = False, training.time_sampling = "
+            "'uniform')."
+        )
 
     def importance_normalizer(self, tau: float | Tensor) -> float | Tensor:
         """Z_tau = A(T) - A(tau) = int_tau^T g^2/sigma^2 dt (a float for a float tau, else a 0-dim tensor)."""

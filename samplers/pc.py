@@ -115,7 +115,10 @@ class AncestralSamplingPredictor(Predictor):
     def __init__(self, sde, score_fn, probability_flow=False):
         super().__init__(sde, score_fn, probability_flow)
         if probability_flow:
-            raise NotImplementedError("Probability flow not supported by ancestral sampling")
+            raise NotImplementedError(
+                "Probability flow not supported by ancestral sampling: use sampling.predictor = 'reverse_diffusion' "
+                "or 'euler_maruyama' with probability_flow, or sampling.method = 'ode'."
+            )
 
     def update_fn(self, x, t):
         a, v, w = self.sde.ancestral_coefficients(t)

@@ -562,3 +562,9 @@ def test_register_predictor_and_corrector(monkeypatch):
         sampling.register_predictor(MyPredictor, name="my_predictor")
     with pytest.raises(ValueError, match="Already registered corrector"):
         sampling.register_corrector(MyCorrector)
+
+
+def test_ancestral_sampling_with_probability_flow_names_the_alternatives():
+    """score_sde refuses probability flow for ancestral sampling; the error names the predictors that allow it."""
+    with pytest.raises(NotImplementedError, match="reverse_diffusion"):
+        sampling.AncestralSamplingPredictor(make_sde("vp")[0], lambda x, t: x, probability_flow=True)

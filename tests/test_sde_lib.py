@@ -609,3 +609,18 @@ def test_cuda():
         torch.testing.assert_close(sde.t_from_log_snr(lam), t, rtol=1e-3, atol=0)
         tau = sde_lib.sample_truncation_time(1.0, 1e-5, size=(8,), device=dev)
         assert tau.device.type == "cuda"
+
+
+def test_sde_without_the_importance_closed_forms_names_the_fix():
+    """An SDE subclass that lacks A(t) fails importance sampling with a message naming the missing method and the
+    uniform-time alternative (every built-in SDE defines both closed forms)."""
+
+    class NoClosedForms(sde_lib.VPSDE):
+        iw_antiderivative = sde_lib.SDE.iw_antiderivative
+        iw_antiderivative_inverse = sde_lib.SDE.iw_antiderivative_inverse
+
+    sde = NoClosedForms()
+    with pytest.raises(NotImplementedError, match="iw_antiderivative.*time_sampling = 'uniform'"):
+        sde.sample_importance_t(8, 1e-5)
+    with pytest.raises(NotImplementedError, match="iw_antiderivative"):
+        sde.importance_normalizer(1e-5)
